@@ -1,0 +1,101 @@
+"""Small layers shared by several SAM 2 modules.
+
+Parameter names (`layers.0.weight`, `weight`/`bias` of `LayerNorm2d`) are part of the checkpoint
+format and match the official release.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """`num_layers` linear layers with an activation between them (none after the last).
+
+    Args:
+        input_dim: features in.
+        hidden_dim: width of every hidden layer.
+        output_dim: features out.
+        num_layers: number of `nn.Linear` layers, stored as `layers.<i>`.
+        activation: activation class, instantiated once.
+        sigmoid_output: apply a sigmoid to the output.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        activation: type[nn.Module] = nn.ReLU,
+        sigmoid_output: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        widths = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
+        self.sigmoid_output = sigmoid_output
+        self.act = activation()
+
+    def forward(self, x: Tensor) -> Tensor:
+        *hidden, last = self.layers
+        for layer in hidden:
+            x = self.act(layer(x))
+        x = last(x)
+        return torch.sigmoid(x) if self.sigmoid_output else x
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel dimension of a `[B, C, H, W]` tensor."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = x.new_empty(mask_shape).bernoulli_(keep_prob)
+        if self.scale_by_keep and keep_prob > 0.0:
+            keep.div_(keep_prob)
+        return x * keep
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+
+
+def get_activation_fn(activation: str) -> Callable[[Tensor], Tensor]:
+    """The functional activation named in a config (`relu`, `gelu`, `glu`)."""
+    try:
+        return _ACTIVATIONS[activation]
+    except KeyError:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}") from None
+
+
+def get_clones(module: nn.Module, count: int) -> nn.ModuleList:
+    """`count` independent deep copies of `module`."""
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(count))
