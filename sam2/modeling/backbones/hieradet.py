@@ -1,0 +1,289 @@
+"""Hiera, the hierarchical ViT trunk of SAM 2 (https://arxiv.org/abs/2306.00989).
+
+Tokens stay channels-last (`[B, H, W, C]`) from the patch embedding to the end of each stage.
+A stage's first block halves the resolution by max-pooling its queries (and its shortcut), and
+widens channels and heads; most blocks attend inside non-overlapping windows, a few globally.
+Returned feature maps are `[B, C, H, W]`, highest resolution first.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from itertools import accumulate
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sam2.modeling.backbones.utils import PatchEmbed, window_partition, window_unpartition
+from sam2.modeling.sam2_utils import MLP, DropPath
+
+
+def _pool_channels_last(x: Tensor, pool: nn.Module) -> Tensor:
+    """Apply a `[B, C, H, W]` pooling layer to `[B, H, W, C]` tokens."""
+    return pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class MultiScaleAttention(nn.Module):
+    """Multi-head self-attention whose queries may be pooled, shrinking the output grid.
+
+    Args:
+        dim: channels in.
+        dim_out: channels out (also the width of queries, keys and values).
+        num_heads: attention heads; `dim_out` is split evenly between them.
+        q_pool: optional pooling layer applied to the query grid.
+    """
+
+    def __init__(self, dim: int, dim_out: int, num_heads: int, q_pool: nn.Module | None = None) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, dim_out * 3)
+        self.proj = nn.Linear(dim_out, dim_out)
+        self.q_pool = q_pool
+        self.dim, self.dim_out, self.num_heads = dim, dim_out, num_heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`[B, H, W, dim]` -> `[B, H', W', dim_out]`, with `(H', W')` the pooled grid."""
+        batch, height, width, _ = x.shape
+        # The last axis of qkv is laid out as (q|k|v, head, head_dim).
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, H*W, head_dim]
+        if self.q_pool is not None:
+            q_grid = q.transpose(1, 2).reshape(batch, height, width, -1)
+            q_grid = _pool_channels_last(q_grid, self.q_pool)
+            height, width = q_grid.shape[1:3]
+            q = q_grid.reshape(batch, height * width, self.num_heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, height, width, -1)
+        return self.proj(out)
+
+
+class MultiScaleBlock(nn.Module):
+    """Pre-norm transformer block: (windowed) attention with optional query pooling, then an MLP.
+
+    Args:
+        dim: channels in.
+        dim_out: channels out; when it differs from `dim` the shortcut is a linear projection of
+            the normalised input.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of `dim_out`.
+        drop_path: stochastic-depth probability for both residual branches.
+        norm_layer: normalisation class, or the name of a `torch.nn` class (built with eps=1e-6).
+        q_stride: query (and shortcut) pooling stride; `None` keeps the resolution.
+        act_layer: MLP activation class.
+        window_size: side of the attention windows in tokens; 0 attends globally.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] | str = "LayerNorm",
+        q_stride: tuple[int, int] | None = None,
+        act_layer: type[nn.Module] = nn.GELU,
+        window_size: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(norm_layer, str):
+            norm_layer = partial(getattr(nn, norm_layer), eps=1e-6)
+        self.dim, self.dim_out = dim, dim_out
+        self.window_size = window_size
+        self.q_stride = q_stride
+        self.norm1 = norm_layer(dim)
+        self.pool = nn.MaxPool2d(kernel_size=q_stride, stride=q_stride, ceil_mode=False) if q_stride else None
+        self.attn = MultiScaleAttention(dim, dim_out, num_heads=num_heads, q_pool=self.pool)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim_out)
+        self.mlp = MLP(dim_out, int(dim_out * mlp_ratio), dim_out, num_layers=2, activation=act_layer)
+        if dim != dim_out:
+            self.proj = nn.Linear(dim, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`[B, H, W, dim]` -> `[B, H', W', dim_out]`."""
+        shortcut = x
+        x = self.norm1(x)
+        if self.dim != self.dim_out:
+            shortcut = self.proj(x)
+        if self.pool is not None:
+            shortcut = _pool_channels_last(shortcut, self.pool)
+        x = shortcut + self.drop_path(self._attend(x, out_hw=shortcut.shape[1:3]))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _attend(self, x: Tensor, out_hw: tuple[int, int]) -> Tensor:
+        if self.window_size == 0:
+            return self.attn(x)
+        windows, (padded_h, padded_w) = window_partition(x, self.window_size)
+        windows = self.attn(windows)
+        # Query pooling shrank every window alike, so the window grid keeps its rows and columns.
+        pooled_window = windows.shape[1]
+        pooled_hw = (padded_h // self.window_size * pooled_window, padded_w // self.window_size * pooled_window)
+        return window_unpartition(windows, pooled_window, pooled_hw, out_hw)
+
+
+class Hiera(nn.Module):
+    """The image trunk: patch embedding, windowed position embedding and `sum(stages)` blocks.
+
+    Args:
+        embed_dim: channels of the first stage.
+        num_heads: attention heads of the first stage.
+        drop_path_rate: stochastic depth of the last block; it rises linearly from 0 at the first.
+        q_pool: how many stage transitions (from the first) pool queries by `q_stride`.
+        q_stride: pooling stride at those transitions.
+        stages: blocks per stage.
+        dim_mul: channel multiplier at each stage transition.
+        head_mul: head-count multiplier at each stage transition.
+        window_pos_embed_bkg_spatial_size: size of the background position embedding, resized
+            bicubically to the token grid (https://arxiv.org/abs/2311.05613).
+        window_spec: attention window per stage; a stage's first block uses the previous stage's
+            window, because its input is still at the previous resolution.
+        global_att_blocks: indices of blocks that attend globally instead.
+        weights_path: must be `None`; modules here do no file I/O. Load weights with
+            `load_state_dict` or the model builder.
+        return_interm_layers: return every stage's output, not only the last.
+
+    `channel_list` gives the channels of the returned maps, lowest resolution first (the order
+    `FpnNeck.backbone_channel_list` expects).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 96,
+        num_heads: int = 1,
+        drop_path_rate: float = 0.0,
+        q_pool: int = 3,
+        q_stride: tuple[int, int] = (2, 2),
+        stages: Sequence[int] = (2, 3, 16, 3),
+        dim_mul: float = 2.0,
+        head_mul: float = 2.0,
+        window_pos_embed_bkg_spatial_size: tuple[int, int] = (14, 14),
+        window_spec: Sequence[int] = (8, 4, 14, 7),
+        global_att_blocks: Sequence[int] | None = (12, 16, 20),
+        weights_path: str | None = None,
+        return_interm_layers: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_config(stages=stages, window_spec=window_spec, q_pool=q_pool, q_stride=q_stride)
+        if weights_path is not None:
+            raise ValueError(
+                f"Hiera(weights_path={weights_path!r}): modules do not read files; drop weights_path and "
+                "load the trunk's weights with load_state_dict (or build_sam2's ckpt_path)"
+            )
+        self.window_spec = tuple(window_spec)
+        self.q_stride = tuple(q_stride)
+        self.stage_ends = [end - 1 for end in accumulate(stages)]
+        self.q_pool_blocks = [end + 1 for end in self.stage_ends[:-1]][:q_pool]
+        self.global_att_blocks = global_att_blocks
+        self.window_pos_embed_bkg_spatial_size = tuple(window_pos_embed_bkg_spatial_size)
+        self.return_interm_layers = return_interm_layers
+
+        self.patch_embed = PatchEmbed(embed_dim=embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *self.window_pos_embed_bkg_spatial_size))
+        first_window = self.window_spec[0]
+        self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, first_window, first_window))
+        self.blocks = self._build_blocks(
+            stages, embed_dim=embed_dim, num_heads=num_heads, dim_mul=dim_mul, head_mul=head_mul,
+            drop_path_rate=drop_path_rate,
+        )
+        self._output_blocks = set(self.stage_ends if return_interm_layers else self.stage_ends[-1:])
+        self.channel_list = [self.blocks[end].dim_out for end in reversed(self.stage_ends)]
+        if not return_interm_layers:
+            self.channel_list = self.channel_list[:1]
+
+    def _build_blocks(
+        self, stages: Sequence[int], *, embed_dim: int, num_heads: int, dim_mul: float, head_mul: float,
+        drop_path_rate: float,
+    ) -> nn.ModuleList:
+        stage_of_block = [stage for stage, count in enumerate(stages) for _ in range(count)]
+        # Built on the CPU so that construction also works under a `meta` default device.
+        drop_probs = torch.linspace(0, drop_path_rate, len(stage_of_block), device="cpu").tolist()
+        global_blocks = set(self.global_att_blocks or ())
+        blocks = nn.ModuleList()
+        dim = embed_dim
+        for index, stage in enumerate(stage_of_block):
+            previous_stage = stage_of_block[max(index - 1, 0)]
+            dim_out = dim
+            if stage != previous_stage:
+                dim_out = int(dim * dim_mul)
+                num_heads = int(num_heads * head_mul)
+            blocks.append(
+                MultiScaleBlock(
+                    dim=dim,
+                    dim_out=dim_out,
+                    num_heads=num_heads,
+                    drop_path=drop_probs[index],
+                    q_stride=self.q_stride if index in self.q_pool_blocks else None,
+                    window_size=0 if index in global_blocks else self.window_spec[previous_stage],
+                )
+            )
+            dim = dim_out
+        return blocks
+
+    def _get_pos_embed(self, hw: tuple[int, int]) -> Tensor:
+        """Position embedding `[1, H, W, C]`: the resized background plus the tiled window embedding."""
+        height, width = hw
+        background = F.interpolate(self.pos_embed, size=(height, width), mode="bicubic")
+        window = self.pos_embed_window
+        # Windows are cut from the top-left corner, so the tiling starts there and is cropped at
+        # the padded bottom/right edge.
+        repeats = (-(-height // window.shape[-2]), -(-width // window.shape[-1]))
+        tiled = window.repeat(1, 1, *repeats)[..., :height, :width]
+        return (background + tiled).permute(0, 2, 3, 1)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Images `[B, 3, H, W]` -> feature maps `[B, C_s, H / (4 * 2^s), W / (4 * 2^s)]`.
+
+        One map per stage `s` (or only the last, without `return_interm_layers`), highest
+        resolution first. The maps are channels-first views of channels-last tensors.
+        """
+        x = self.patch_embed(x)
+        x = x + self._get_pos_embed(x.shape[1:3])
+        features = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self._output_blocks:
+                features.append(x.permute(0, 3, 1, 2))
+        return features
+
+    def get_num_layers(self) -> int:
+        return len(self.blocks)
+
+    def get_layer_id(self, layer_name: str) -> int:
+        """Depth of a parameter for layer-wise learning-rate decay.
+
+        Embeddings are layer 0, block `i` is layer `i + 1`, anything else sits above the last block.
+        """
+        top = self.get_num_layers() + 1
+        if "rel_pos" in layer_name:
+            return top
+        if "pos_embed" in layer_name or "patch_embed" in layer_name:
+            return 0
+        block = re.search(r"blocks\.(\d+)", layer_name)
+        return int(block.group(1)) + 1 if block else top
+
+
+def _check_config(
+    *, stages: Sequence[int], window_spec: Sequence[int], q_pool: int, q_stride: Sequence[int]
+) -> None:
+    if len(stages) != len(window_spec):
+        raise ValueError(
+            f"Hiera needs one window size per stage: stages={list(stages)} but window_spec={list(window_spec)}"
+        )
+    if any(count < 1 for count in stages):
+        raise ValueError(f"Hiera stages must each hold at least one block, got stages={list(stages)}")
+    if not 0 <= q_pool < len(stages):
+        raise ValueError(
+            f"Hiera q_pool={q_pool} must lie in [0, {len(stages) - 1}] (one per stage transition) "
+            f"for stages={list(stages)}"
+        )
+    # The first block of stages 1..q_pool pools queries inside windows of the previous stage's size.
+    for stage in range(q_pool):
+        window = window_spec[stage]
+        if window and any(window % step for step in q_stride):
+            raise ValueError(
+                f"Hiera window_spec[{stage}]={window} must be divisible by q_stride={tuple(q_stride)}: "
+                f"stage {stage + 1} pools queries inside windows of that size"
+            )

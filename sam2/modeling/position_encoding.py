@@ -1,0 +1,222 @@
+"""Position encodings: 2-D sine grids, random Fourier features, 1-D sine codes and axial rotary tables.
+
+None of these modules owns a trained parameter. `PositionEmbeddingRandom` keeps its random
+frequency matrix as the buffer `positional_encoding_gaussian_matrix` (part of the checkpoint);
+the sine and rotary tables are recomputed on demand and cached per feature size, outside the
+state dict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def _sine_frequencies(num_feats: int, temperature: float, device: torch.device | None = None) -> Tensor:
+    """Divisors `temperature ** (2 * (i // 2) / num_feats)` for `i < num_feats`, shape `[num_feats]`.
+
+    Consecutive channels share a frequency, so a channel pair holds the sine and cosine of one angle.
+    """
+    index = torch.arange(num_feats, dtype=torch.float32, device=device)
+    return temperature ** (2 * (index // 2) / num_feats)
+
+
+def _interleaved_sine(angles: Tensor) -> Tensor:
+    """`[..., D]` angles -> `[..., D]`: sine on even channels, cosine on odd channels."""
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def get_1d_sine_pe(pos_inds: Tensor, dim: int, temperature: float = 10000) -> Tensor:
+    """Transformer-style sine code of scalar positions (used for object-pointer time offsets).
+
+    Args:
+        pos_inds: positions, any shape `[...]`.
+        dim: output width; the first half holds sines, the second half cosines.
+        temperature: longest wavelength scale.
+
+    Returns:
+        `[..., dim]` float32 codes.
+    """
+    angles = pos_inds.unsqueeze(-1) / _sine_frequencies(dim // 2, temperature, pos_inds.device)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class PositionEmbeddingSine(nn.Module):
+    """The DETR sine encoding of a 2-D feature grid: half the channels encode y, half encode x.
+
+    Args:
+        num_pos_feats: output channels `C` (even).
+        temperature: longest wavelength scale.
+        normalize: map grid coordinates to `(0, scale]` before encoding.
+        scale: coordinate range when normalizing (default `2 * pi`).
+        warmup_cache: on CUDA, precompute the grids for `image_size // stride` so a compiled
+            model never builds them inside the graph.
+        image_size, strides: which grid sizes the warm-up fills.
+    """
+
+    def __init__(
+        self,
+        num_pos_feats: int,
+        temperature: int = 10000,
+        normalize: bool = True,
+        scale: float | None = None,
+        warmup_cache: bool = True,
+        image_size: int = 1024,
+        strides: Sequence[int] = (4, 8, 16, 32),
+    ) -> None:
+        super().__init__()
+        if num_pos_feats % 2 != 0:
+            raise ValueError(f"num_pos_feats must be even (half for y, half for x), got {num_pos_feats}")
+        if scale is not None and not normalize:
+            raise ValueError("scale only applies to normalized coordinates: pass normalize=True or drop scale")
+        self.num_pos_feats = num_pos_feats // 2  # channels per axis
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = 2 * math.pi if scale is None else scale
+        self.cache: dict[tuple[int, int], Tensor] = {}
+        if warmup_cache and torch.cuda.is_available():
+            for stride in strides:
+                self._grid(image_size // stride, image_size // stride, torch.device("cuda"))
+
+    def _encode_xy(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalized coordinates `[N]` each -> (`[N, C/2]` x codes, `[N, C/2]` y codes)."""
+        if x.ndim != 1 or x.shape != y.shape:
+            raise ValueError(f"x and y must be 1-D of equal length, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        freqs = _sine_frequencies(self.num_pos_feats, self.temperature, x.device)
+        pos_x = _interleaved_sine((x * self.scale)[:, None] / freqs)
+        pos_y = _interleaved_sine((y * self.scale)[:, None] / freqs)
+        return pos_x, pos_y
+
+    @torch.no_grad()
+    def encode_boxes(self, x: Tensor, y: Tensor, w: Tensor, h: Tensor) -> Tensor:
+        """Boxes given by normalized centre `x, y` and size `w, h` (each `[N]`) -> `[N, C + 2]`."""
+        pos_x, pos_y = self._encode_xy(x, y)
+        return torch.cat((pos_y, pos_x, h[:, None], w[:, None]), dim=1)
+
+    encode = encode_boxes  # older name of the same method
+
+    @torch.no_grad()
+    def encode_points(self, x: Tensor, y: Tensor, labels: Tensor) -> Tensor:
+        """Normalized points `x, y` and their `labels` (each `[B, N]`) -> `[B, N, C + 1]`."""
+        if not (x.shape == y.shape == labels.shape) or x.ndim != 2:
+            raise ValueError(
+                f"x, y and labels must share one [B, N] shape, got {tuple(x.shape)}, {tuple(y.shape)}, "
+                f"{tuple(labels.shape)}"
+            )
+        pos_x, pos_y = self._encode_xy(x.flatten(), y.flatten())
+        pos_x, pos_y = pos_x.unflatten(0, x.shape), pos_y.unflatten(0, y.shape)
+        return torch.cat((pos_y, pos_x, labels[:, :, None]), dim=2)
+
+    @torch.no_grad()
+    def _grid(self, height: int, width: int, device: torch.device) -> Tensor:
+        """The `[C, H, W]` encoding of an `H x W` grid, cached per size."""
+        key = (height, width)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached.to(device)
+        # Grid coordinates start at 1 so that, normalized, they end exactly at `scale`.
+        y = torch.arange(1, height + 1, dtype=torch.float32, device=device)
+        x = torch.arange(1, width + 1, dtype=torch.float32, device=device)
+        if self.normalize:
+            eps = 1e-6
+            y = y / (y[-1:] + eps) * self.scale
+            x = x / (x[-1:] + eps) * self.scale
+        freqs = _sine_frequencies(self.num_pos_feats, self.temperature, device)
+        pos_y = _interleaved_sine(y[:, None] / freqs)[:, None, :].expand(height, width, -1)
+        pos_x = _interleaved_sine(x[:, None] / freqs)[None, :, :].expand(height, width, -1)
+        grid = torch.cat((pos_y, pos_x), dim=-1).permute(2, 0, 1).contiguous()
+        self.cache[key] = grid
+        return grid
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Encoding for the grid of a feature map `x` `[B, *, H, W]` -> `[B, C, H, W]` float32."""
+        grid = self._grid(x.shape[-2], x.shape[-1], x.device)
+        return grid[None].repeat(x.shape[0], 1, 1, 1)
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Random Fourier features of 2-D coordinates (SAM's prompt and image-grid encoding).
+
+    Args:
+        num_pos_feats: number of random frequencies; outputs have `2 * num_pos_feats` channels.
+        scale: standard deviation of the frequencies (values `<= 0` or None mean 1).
+    """
+
+    def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
+        super().__init__()
+        if scale is None or scale <= 0.0:
+            scale = 1.0
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
+
+    def _pe_encoding(self, coords: Tensor) -> Tensor:
+        """Coordinates in `[0, 1]`, `[..., 2]` as (x, y) -> `[..., 2 * num_pos_feats]` (sines, then cosines)."""
+        centered = 2 * coords - 1
+        angles = 2 * math.pi * (centered @ self.positional_encoding_gaussian_matrix)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def forward(self, size: tuple[int, int]) -> Tensor:
+        """Encoding of the pixel centres of an `(H, W)` grid -> `[C, H, W]`."""
+        height, width = size
+        device = self.positional_encoding_gaussian_matrix.device
+        y = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+        x = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
+        coords = torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1)  # [H, W, 2] as (x, y)
+        return self._pe_encoding(coords).permute(2, 0, 1)
+
+    def forward_with_coords(self, coords_input: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """Pixel coordinates `[B, N, 2]` as (x, y) in an image of `image_size` (H, W) -> `[B, N, C]`."""
+        height, width = image_size
+        coords = torch.stack((coords_input[..., 0] / width, coords_input[..., 1] / height), dim=-1)
+        return self._pe_encoding(coords.to(torch.float))
+
+
+class AxialRotaryTables:
+    """Cosine/sine tables of 2-D axial rotary position encoding, cached per feature-grid size.
+
+    Each attention head's `head_dim` channels form `head_dim / 2` rotation pairs: the first half
+    of the pairs turn with the token's column (x), the second half with its row (y), at
+    frequencies `theta ** (-4 i / head_dim)`. Tokens are ordered row by row (x fastest).
+    Rotations run in float32 whatever the input dtype, in real arithmetic, so they work under
+    bfloat16 autocast and `torch.compile`.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        if head_dim % 4 != 0:
+            raise ValueError(f"axial rotary encoding needs a head dim divisible by 4, got {head_dim}")
+        self.head_dim = head_dim
+        self.theta = theta
+        self._cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def angles(self, end_x: int, end_y: int) -> Tensor:
+        """Rotation angles `[end_x * end_y, head_dim / 2]` for a grid of `end_y` rows of `end_x` tokens."""
+        exponents = torch.arange(0, self.head_dim, 4)[: self.head_dim // 4].float() / self.head_dim
+        freqs = 1.0 / (self.theta**exponents)
+        token = torch.arange(end_x * end_y, dtype=torch.float32)
+        col = token % end_x
+        row = torch.div(token, end_x, rounding_mode="floor")
+        return torch.cat([torch.outer(col, freqs), torch.outer(row, freqs)], dim=-1)
+
+    def get(self, end_x: int, end_y: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each `[end_x * end_y, head_dim / 2]` float32 on `device`."""
+        key = (end_x, end_y)
+        tables = self._cache.get(key)
+        if tables is None or tables[0].device != device:
+            angles = self.angles(end_x, end_y).to(device)
+            tables = (angles.cos(), angles.sin())
+            self._cache[key] = tables
+        return tables
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs `(x[2i], x[2i+1])` of `x` `[..., N, D]` by the angles of `cos`/`sin` `[N, D/2]`.
+
+    Same as multiplying the pairs, read as complex numbers, by `cos + i sin`. Returns `x`'s dtype.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
