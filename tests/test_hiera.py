@@ -8,7 +8,7 @@ import torch
 from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.backbones.utils import window_partition, window_unpartition
 from sam2.modeling.sam2_utils import DropPath
-from tests.reference import assert_close
+from tests.reference import assert_close, assert_close_scaled
 
 # Windowed and global blocks, query pooling at every transition (blocks 1, 3, 6); at 96 px the
 # 6x6 stage-3 grid is padded to windows of 4 (block 4), and block 6 pools padded windows whose
@@ -39,24 +39,6 @@ LAYER_NAMES = [
     "pos_embed", "image_encoder.trunk.pos_embed_window", "patch_embed.proj.bias", "blocks.0.norm1.weight",
     "image_encoder.trunk.blocks.6.mlp.layers.1.weight", "rel_pos_h", "image_encoder.neck.convs.0.conv.weight",
 ]
-
-
-def assert_close_scaled(ours, ref, path: str = "") -> None:
-    """`assert_close` per tensor with atol 1e-5 relative to the tensor's largest magnitude.
-
-    Bit-equal to the reference at one thread; at other thread counts matmuls and convolutions
-    split their sums differently, which moves large values by a few float32 ulps.
-    """
-    if isinstance(ref, dict):
-        assert set(ours) == set(ref), f"{path}: keys differ: {sorted(set(ours) ^ set(ref))}"
-        for key in ref:
-            assert_close_scaled(ours[key], ref[key], f"{path}.{key}")
-    elif isinstance(ref, (list, tuple)):
-        assert len(ours) == len(ref), f"{path}: length {len(ours)} != {len(ref)}"
-        for i, (o, r) in enumerate(zip(ours, ref)):
-            assert_close_scaled(o, r, f"{path}[{i}]")
-    else:
-        assert_close(ours, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), path=path)
 
 
 def _images() -> dict[str, torch.Tensor]:

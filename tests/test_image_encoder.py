@@ -8,7 +8,8 @@ import torch
 from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
 from sam2.modeling.position_encoding import PositionEmbeddingSine
-from tests.test_hiera import TINY, assert_close_scaled
+from tests.reference import assert_close_scaled
+from tests.test_hiera import TINY
 
 pytestmark = pytest.mark.reference
 
