@@ -8,7 +8,7 @@ import torch
 from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.backbones.utils import window_partition, window_unpartition
 from sam2.modeling.sam2_utils import DropPath
-from tests.reference import assert_close, assert_close_scaled
+from tests.reference import assert_close_scaled
 
 # Windowed and global blocks, query pooling at every transition (blocks 1, 3, 6); at 96 px the
 # 6x6 stage-3 grid is padded to windows of 4 (block 4), and block 6 pools padded windows whose
