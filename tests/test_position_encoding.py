@@ -76,7 +76,9 @@ def test_sine_grid_matches_reference_at_several_sizes(ref_out):
 
 
 def test_sine_grid_options_match_reference(ref_out):
-    assert_close(PositionEmbeddingSine(16, temperature=20, normalize=False)(torch.zeros(2, 3, 6, 9)), ref_out["raw_grid"])
+    assert_close(
+        PositionEmbeddingSine(16, temperature=20, normalize=False)(torch.zeros(2, 3, 6, 9)), ref_out["raw_grid"]
+    )
     assert_close(PositionEmbeddingSine(24, normalize=True, scale=3.0)(torch.zeros(1, 3, 9, 6)), ref_out["scaled_grid"])
 
 
@@ -135,8 +137,11 @@ def test_axial_rotation_preserves_pair_norms_and_dtype():
     cos, sin = AxialRotaryTables(8).get(3, 3, torch.device("cpu"))
     y = rotate_pairs(x, cos, sin)
     assert y.dtype == torch.bfloat16
-    norms = lambda t: t.float().unflatten(-1, (-1, 2)).norm(dim=-1)  # noqa: E731
-    torch.testing.assert_close(norms(y), norms(x), rtol=2e-2, atol=2e-2)
+
+    def pair_norms(t: torch.Tensor) -> torch.Tensor:
+        return t.float().unflatten(-1, (-1, 2)).norm(dim=-1)
+
+    torch.testing.assert_close(pair_norms(y), pair_norms(x), rtol=2e-2, atol=2e-2)
     # Token 0 sits at the origin of the grid: no rotation at all.
     assert torch.equal(y[..., 0, :], x[..., 0, :])
 

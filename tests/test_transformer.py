@@ -10,12 +10,14 @@ DIM, HEADS = 32, 2
 NUM_POINTERS = 4  # object-pointer tokens appended to memory keys, never rotated
 
 # name -> (constructor kwargs, query tokens, key tokens, num_k_exclude_rope)
+MEMORY_CROSS = {"rope_k_repeat": True, "feat_sizes": (8, 8), "kv_in_dim": 16}
 ROPE_CASES = {
-    "memory_cross": (dict(rope_k_repeat=True, feat_sizes=(8, 8), kv_in_dim=16), 64, 3 * 64 + NUM_POINTERS, NUM_POINTERS),
-    "memory_cross_no_pointers": (dict(rope_k_repeat=True, feat_sizes=(8, 8), kv_in_dim=16), 64, 2 * 64, 0),
-    "self_square_other_size": (dict(), 256, 256, 0),
-    "self_non_square_feat_sizes": (dict(feat_sizes=(8, 4), rope_theta=100.0), 32, 32, 0),
-    "one_head": (dict(rope_k_repeat=True, feat_sizes=(4, 4), num_heads=1, dropout=0.1), 16, 2 * 16 + 2, 2),
+    # keys: three memory frames of the 8x8 query grid, then the object pointers
+    "memory_cross": (MEMORY_CROSS, 64, 3 * 64 + NUM_POINTERS, NUM_POINTERS),
+    "memory_cross_no_pointers": (MEMORY_CROSS, 64, 2 * 64, 0),
+    "self_square_other_size": ({}, 256, 256, 0),
+    "self_non_square_feat_sizes": ({"feat_sizes": (8, 4), "rope_theta": 100.0}, 32, 32, 0),
+    "one_head": ({"rope_k_repeat": True, "feat_sizes": (4, 4), "num_heads": 1, "dropout": 0.1}, 16, 2 * 16 + 2, 2),
 }
 
 
