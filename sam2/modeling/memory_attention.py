@@ -54,15 +54,16 @@ class MemoryAttentionLayer(nn.Module):
         self.pos_enc_at_cross_attn_queries = pos_enc_at_cross_attn_queries
         self.pos_enc_at_cross_attn_keys = pos_enc_at_cross_attn_keys
 
+        # Registration order fixes the state-dict and optimizer-state order, which must follow the
+        # official checkpoints: attention, feed-forward, then the norms.
         self.self_attn = self_attention
         self.cross_attn_image = cross_attention
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
-        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
-
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.activation = get_activation_fn(activation)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
 
     def _self_attend(self, tgt: Tensor, query_pos: Tensor | None) -> Tensor:
         normed = self.norm1(tgt)
