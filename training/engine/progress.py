@@ -1,0 +1,164 @@
+"""What a run tells its user: the start banner, per-step progress, TensorBoard scalars, summaries.
+
+Only rank 0 prints and writes scalars; every rank keeps its text log (see `setup_logging`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from training.utils.train_utils import human_readable_time
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last call, in GB (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def format_banner(rows: Sequence[tuple[str, Any]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    lines = ["=" * 72, "SAM 2 training"] + [f"  {name:<{width}}  {value}" for name, value in rows] + ["=" * 72]
+    return "\n".join(lines)
+
+
+class EpochMeter:
+    """Averages of the loss parts, timings and throughput over one epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.samples = 0
+        self.steps = 0
+        self.data_seconds = 0.0
+        self.step_seconds = 0.0
+        self.skipped_steps = 0
+
+    def update(self, losses: Mapping[str, float], batch_size: int, data_seconds: float, step_seconds: float) -> None:
+        for name, value in losses.items():
+            self.sums[name] += value * batch_size
+        self.samples += batch_size
+        self.steps += 1
+        self.data_seconds += data_seconds
+        self.step_seconds += step_seconds
+
+    def averages(self) -> dict[str, float]:
+        return {name: total / max(self.samples, 1) for name, total in self.sums.items()}
+
+
+class ProgressReporter:
+    """Progress of the training phase on rank 0: lines or a tqdm bar, scalars, ETA."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        tb_logger: Any,
+        log_freq: int,
+        scalar_freq: int,
+        device: torch.device,
+        total_steps: int,
+    ) -> None:
+        self.is_main = rank == 0
+        self.world_size = world_size
+        self.tb = tb_logger
+        self.log_freq = max(1, log_freq)
+        self.scalar_freq = max(1, scalar_freq)
+        self.device = device
+        self.total_steps = total_steps
+        self.use_bar = self.is_main and sys.stdout.isatty()
+        self.bar = None
+        self.epoch_meter = EpochMeter()
+        self._window_start = time.time()
+        self._window_steps = 0
+
+    def start_epoch(self, epoch: int, max_epochs: int, steps_in_epoch: int, first_batch: int) -> None:
+        self.epoch_meter = EpochMeter()
+        self.epoch, self.max_epochs, self.steps_in_epoch = epoch, max_epochs, steps_in_epoch
+        self._window_start, self._window_steps = time.time(), 0
+        if self.use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps_in_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{max_epochs}")
+
+    def step(
+        self,
+        *,
+        global_step: int,
+        batch_in_epoch: int,
+        losses: Mapping[str, float],
+        batch_size: int,
+        data_seconds: float,
+        step_seconds: float,
+        lrs: Sequence[float],
+        grad_norm: float | None,
+    ) -> None:
+        """Records one finished training step (`global_step` counts from 1)."""
+        self.epoch_meter.update(losses, batch_size, data_seconds, step_seconds)
+        self._window_steps += 1
+        memory = peak_memory_gb(self.device)
+        if not self.is_main:
+            return
+        samples_per_s = batch_size * self.world_size / max(step_seconds, 1e-9)
+        data_share = data_seconds / max(step_seconds, 1e-9)
+        if global_step % self.scalar_freq == 0 or global_step == 1:
+            self._write_scalars(global_step, losses, lrs, grad_norm, samples_per_s, data_share, memory)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}", lr=f"{lrs[0]:.2e}" if lrs else "-")
+            self.bar.update(1)
+        elif global_step % self.log_freq == 0 or global_step == 1:
+            logging.info(self._line(global_step, batch_in_epoch, losses, lrs, samples_per_s, data_share, memory))
+
+    def _eta_seconds(self, global_step: int) -> float:
+        elapsed = time.time() - self._window_start
+        per_step = elapsed / max(self._window_steps, 1)
+        return per_step * max(self.total_steps - global_step, 0)
+
+    def _line(self, global_step, batch_in_epoch, losses, lrs, samples_per_s, data_share, memory) -> str:
+        parts = [f"epoch {self.epoch + 1}/{self.max_epochs}", f"step {batch_in_epoch}/{self.steps_in_epoch}"]
+        parts += [f"{name} {value:.4f}" for name, value in losses.items()]
+        parts += [f"lr {lrs[0]:.3e}" if lrs else "lr -", f"{samples_per_s:.2f} samples/s", f"data {data_share:.0%}"]
+        if memory is not None:
+            parts.append(f"mem {memory:.2f} GB")
+        parts.append(f"ETA {human_readable_time(self._eta_seconds(global_step))}")
+        return " | ".join(parts)
+
+    def _write_scalars(self, step, losses, lrs, grad_norm, samples_per_s, data_share, memory) -> None:
+        for name, value in losses.items():
+            self.tb.log(f"Losses/train_{name}", value, step)
+        for group, lr in enumerate(lrs):
+            self.tb.log(f"Optim/lr_group{group}", lr, step)
+        if grad_norm is not None:
+            self.tb.log("Optim/grad_norm", grad_norm, step)
+        self.tb.log("Step_Stats/train/samples_per_s", samples_per_s, step)
+        self.tb.log("Step_Stats/train/data_time_share", data_share, step)
+        if memory is not None:
+            self.tb.log("Step_Stats/train/peak_mem_gb", memory, step)
+
+    def end_epoch(self, global_step: int) -> dict[str, float]:
+        """Closes the bar, logs and returns the epoch's averages."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        meter = self.epoch_meter
+        summary = {f"Losses/train_{k}": v for k, v in meter.averages().items()}
+        summary["Trainer/steps_train"] = global_step
+        summary["Trainer/epoch_seconds"] = meter.step_seconds
+        if self.is_main:
+            averages = ", ".join(f"{k} {v:.4f}" for k, v in meter.averages().items())
+            logging.info(
+                f"epoch {self.epoch + 1}/{self.max_epochs} done: {meter.steps} steps in "
+                f"{human_readable_time(meter.step_seconds)}, "
+                f"{meter.samples * self.world_size / max(meter.step_seconds, 1e-9):.2f} samples/s; {averages}"
+            )
+        return summary
