@@ -146,33 +146,28 @@ class TrackStepMixin:
             [B, 1, image_size, image_size], "obj_ptr" [B, C], "object_score_logits" [B, 1] (eval
             only), "maskmem_features" [B, mem_dim, h, w] | None, "maskmem_pos_enc" [[...]] | None}`.
         """
+        frame_args = dict(
+            frame_idx=frame_idx, is_init_cond_frame=is_init_cond_frame, current_vision_feats=current_vision_feats,
+            current_vision_pos_embeds=current_vision_pos_embeds, feat_sizes=feat_sizes, point_inputs=point_inputs,
+            mask_inputs=mask_inputs, output_dict=output_dict, num_frames=num_frames,
+        )
         current_out, sam_outputs, _, _ = self._track_step(
-            frame_idx,
-            is_init_cond_frame,
-            current_vision_feats,
-            current_vision_pos_embeds,
-            feat_sizes,
-            point_inputs,
-            mask_inputs,
-            output_dict,
-            num_frames,
-            track_in_reverse,
-            prev_sam_mask_logits,
+            **frame_args, track_in_reverse=track_in_reverse, prev_sam_mask_logits=prev_sam_mask_logits
         )
         outputs = SamHeadOutputs(*sam_outputs)
-        current_out["pred_masks"] = outputs.low_res_masks
-        current_out["pred_masks_high_res"] = outputs.high_res_masks
-        current_out["obj_ptr"] = outputs.obj_ptr
+        current_out.update(
+            pred_masks=outputs.low_res_masks, pred_masks_high_res=outputs.high_res_masks, obj_ptr=outputs.obj_ptr
+        )
         if not self.training:
             # Eval only: in training an output nobody uses would trip activation checkpointing.
             current_out["object_score_logits"] = outputs.object_score_logits
         self._encode_memory_in_output(
-            current_vision_feats,
-            feat_sizes,
-            point_inputs,
-            run_mem_encoder,
-            outputs.high_res_masks,
-            outputs.object_score_logits,
-            current_out,
+            current_vision_feats=current_vision_feats,
+            feat_sizes=feat_sizes,
+            point_inputs=point_inputs,
+            run_mem_encoder=run_mem_encoder,
+            high_res_masks=outputs.high_res_masks,
+            object_score_logits=outputs.object_score_logits,
+            current_out=current_out,
         )
         return current_out
