@@ -14,6 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tests.tiny_tracker_configs import SAM21_TRACKING_FLAGS
+
 IMAGE_SIZE = 64
 HIDDEN_DIM = 32
 MEM_DIM = 16
@@ -116,27 +118,7 @@ def tiny_model_config(target: str = "sam2.modeling.sam2_base.SAM2Base", **overri
         },
         "num_maskmem": 7,
         "image_size": IMAGE_SIZE,
-        "sigmoid_scale_for_mem_enc": 20.0,
-        "sigmoid_bias_for_mem_enc": -10.0,
-        "use_mask_input_as_output_without_sam": True,
-        "directly_add_no_mem_embed": True,
-        "no_obj_embed_spatial": True,
-        "use_high_res_features_in_sam": True,
-        "multimask_output_in_sam": True,
-        "iou_prediction_use_sigmoid": True,
-        "use_obj_ptrs_in_encoder": True,
-        "add_tpos_enc_to_obj_ptrs": True,
-        "proj_tpos_enc_in_obj_ptrs": True,
-        "use_signed_tpos_enc_to_obj_ptrs": True,
-        "only_obj_ptrs_in_the_past_for_eval": True,
-        "pred_obj_scores": True,
-        "pred_obj_scores_mlp": True,
-        "fixed_no_obj_ptr": True,
-        "multimask_output_for_tracking": True,
-        "use_multimask_token_for_obj_ptr": True,
-        "multimask_min_pt_num": 0,
-        "multimask_max_pt_num": 1,
-        "use_mlp_for_obj_ptr_proj": True,
+        **SAM21_TRACKING_FLAGS,
         "compile_image_encoder": False,
     }
     config.update(overrides)
