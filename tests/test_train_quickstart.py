@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.data_factory import make_video_dataset
 from training.export import check_prediction
@@ -52,6 +53,22 @@ def test_quickstart_trains_and_its_checkpoint_predicts(tmp_path):
         "scratch.resolution=64", "scratch.num_epochs=3",
     )
     assert "SAM 2 training" in done.stdout and "training finished" in done.stdout
+    assert "dataset check: 2 dataset(s) usable" in done.stdout  # trained and validated on the samples
+
+    # Validation after epochs 2 (val_epoch_freq) and 3 (the last); the better one is kept.
+    rounds = [json.loads(line) for line in (run_dir / "logs" / "val_stats.json").read_text().splitlines()]
+    assert [(r["epoch"], r["metric"]) for r in rounds] == [(2, "iou_1_click"), (3, "iou_1_click")]
+    assert "validation at step 4 (epoch 2): iou_1_click" in done.stdout
+    best = torch.load(run_dir / "checkpoints" / "checkpoint_best.pt", weights_only=True)
+    assert best["validation"]["best"] == max(r["score"] for r in rounds)
+
+    # The closing lines say where everything is, and the picture is there.
+    picture = run_dir / "predictions.png"
+    assert f"checkpoint   {run_dir / 'checkpoints' / 'checkpoint.pt'}" in done.stdout
+    assert f"tensorboard  tensorboard --logdir {run_dir / 'tensorboard'}" in done.stdout
+    assert f"predictions  {picture}" in done.stdout
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.mode == "RGB" and image.height >= 2 * 192  # one row per sample
 
     epochs = [json.loads(line) for line in (run_dir / "logs" / "train_stats.json").read_text().splitlines()]
     assert len(epochs) == 3

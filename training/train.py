@@ -24,6 +24,7 @@ from pathlib import Path  # noqa: E402
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from training.dataset.checks import DatasetCheckFailed, check_config_datasets  # noqa: E402
 from training.engine.config import (  # noqa: E402
     ConfigError,
     compose_config,
@@ -99,6 +100,27 @@ def is_resuming(resolved: DictConfig) -> bool:
     return bool(save_dir) and os.path.isfile(os.path.join(save_dir, "checkpoint.pt"))
 
 
+def check_datasets(resolved: DictConfig) -> str:
+    """Fast check of every dataset under `trainer.data` (raises DatasetCheckFailed); a one-line verdict."""
+    data = resolved.trainer.get("data")
+    if data is None:
+        return "dataset check: no datasets configured"
+    reports = check_config_datasets(OmegaConf.to_container(data, resolve=True))
+    # An image folder with masks but no images passes the checker with warnings only; it still
+    # has nothing to train on.
+    empty = [r for r in reports if r.num_videos == 0]
+    if empty:
+        raise DatasetCheckFailed(
+            "the training data cannot be used: no images or videos found\n" + "\n".join(r.summary() for r in empty)
+            + "\nrun python -m training.tools.check_dataset for the full check"
+        )
+    warnings = sum(len(r.problems) for r in reports)
+    line = f"dataset check: {len(reports)} dataset(s) usable"
+    if warnings:
+        line += f", {warnings} warning(s) (python -m training.tools.check_dataset lists them)"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -109,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
-        validate_training_config(cfg, path, resuming=is_resuming(resolve_config(cfg, path)))
-    except ConfigError as exc:
+        resolved = validate_training_config(cfg, path, resuming=is_resuming(resolve_config(cfg, path)))
+        # Before any process or model exists: bad data should cost seconds, not a GPU allocation.
+        verdict = check_datasets(resolved)
+    except (ConfigError, DatasetCheckFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
+        print(verdict, flush=True)
         write_run_configs(cfg, cfg.launcher.experiment_log_dir)
         print(f"run directory: {cfg.launcher.experiment_log_dir}", flush=True)
     if cfg.submitit.get("use_cluster", False):

@@ -4,6 +4,8 @@ The loop itself is short; the work lives in named pieces:
     training.engine.step          forward/backward/update of one batch (AMP, accumulation, NaN)
     training.engine.checkpointer  atomic checkpoints and exact resume
     training.engine.progress      banner, progress lines, TensorBoard scalars, summaries
+    training.engine.validation_hook  metrics on `data.val`, checkpoint_best.pt, early stopping
+    training.engine.run_summary   the closing summary and the picture of predictions
     training.utils.distributed    process group and collectives
 """
 
@@ -16,9 +18,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from training.engine.checkpointer import (
+    BEST_NAME,
+    LATEST_NAME,
     Checkpointer,
     capture_rng_state,
     model_state_for_saving,
@@ -33,12 +35,12 @@ from training.engine.options import (
     from_mapping,
 )
 from training.engine.progress import ProgressReporter
-from training.engine.step import CORE_LOSS_KEY, TrainStep, batch_size_of
+from training.engine.step import CORE_LOSS_KEY, TrainStep
 from training.engine.trainer_setup import TrainerSetupMixin
+from training.engine.validation_hook import ValidationConf, ValidationHook
 from training.utils.checkpoint_utils import load_state_dict_into_model, save_checkpoint_atomic
 from training.utils.distributed import (
     all_gather_object,
-    all_reduce_mean,
     barrier,
     get_world_size,
     unwrap_ddp_if_wrapped,
@@ -54,7 +56,8 @@ class Trainer(TrainerSetupMixin):
     Keyword-only, with the official keys: `data` ({"train": ..., "val": ...} dataset configs with
     `get_loader(epoch)`), `model`, `logging`, `checkpoint`, `max_epochs`, `mode` ("train",
     "train_only" or "val"), `accelerator` ("cuda" or "cpu"), `seed_value`, `val_epoch_freq`,
-    `distributed`, `cuda`, `env_variables`, `optim`, `meters`, `loss` ({dict_key: loss config}).
+    `distributed`, `cuda`, `env_variables`, `optim`, `meters`, `loss` ({dict_key: loss config}),
+    and `validation` (metrics, best checkpoint and early stopping; see `ValidationConf`).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Trainer(TrainerSetupMixin):
         optim_overrides: Any = None,
         meters: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
+        validation: Mapping[str, Any] | None = None,
     ) -> None:
         if mode not in ("train", "train_only", "val"):
             raise ValueError(f"trainer.mode is {mode!r}; use 'train', 'train_only' or 'val'")
@@ -88,6 +92,7 @@ class Trainer(TrainerSetupMixin):
         self.optim_conf = from_mapping(OptimConf, optim, "trainer.optim")
         self.max_epochs, self.mode, self.val_epoch_freq = int(max_epochs), mode, val_epoch_freq
         self.seed_value = seed_value
+        self.validation_conf = from_mapping(ValidationConf, validation, "trainer.validation")
         dist_conf = from_mapping(DistributedConf, distributed, "trainer.distributed")
         cuda_conf = from_mapping(CudaConf, cuda, "trainer.cuda")
 
@@ -97,6 +102,7 @@ class Trainer(TrainerSetupMixin):
         self.model.to(self.device)
         self._construct_optimizer()
         self._setup_datasets()
+        self.validation = self._make_validation_hook()
         self.checkpointer = Checkpointer(self.checkpoint_conf, self.rank)
         self.checkpointer.prepare_resume_from()
         self.load_checkpoint()
@@ -122,6 +128,8 @@ class Trainer(TrainerSetupMixin):
         }
         if self.scaler.is_enabled():
             payload["scaler"] = self.scaler.state_dict()
+        if self.validation is not None:
+            payload["validation"] = self.validation.state_dict()
         return payload
 
     def save_checkpoint(self, epoch: int, checkpoint_names: list[str] | None = None, batch_in_epoch: int = 0) -> None:
@@ -160,6 +168,8 @@ class Trainer(TrainerSetupMixin):
         self.best_meter_values = dict(checkpoint.get("best_meter_values", {}))
         if self.scaler.is_enabled() and "scaler" in checkpoint:
             self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.validation is not None and "validation" in checkpoint:
+            self.validation.load_state_dict(checkpoint["validation"])
         self.resume_rng = self._own_rng_states(checkpoint.get("rng"))
 
     def _own_rng_states(self, rng: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -177,28 +187,44 @@ class Trainer(TrainerSetupMixin):
     # ---- the loop ----------------------------------------------------------------------
 
     def run(self) -> None:
-        if self.mode == "train":
-            self.run_train()
-            self.run_val()
-        elif self.mode == "train_only":
+        if self.mode in ("train", "train_only"):
             self.run_train()
         else:
             self.run_val()
-        self.logger.close()
         self._log_final_summary()
+        self.logger.close()
 
     def run_train(self) -> None:
+        if self.validation is not None and self.validation.should_stop:
+            logging.info("early stopping was reached before this run; nothing to train (see val_stats.json)")
+            return
         while self.epoch < self.max_epochs:
             summary = self.train_epoch()
+            if self.stopped_early:
+                return  # mid-epoch: the step validation that decided it has saved the checkpoint
             if self.rank == 0:
                 self.logger.log_dict(summary, self.epoch)
                 with open(os.path.join(self.logging_conf.log_dir, "train_stats.json"), "a") as f:
                     f.write(json.dumps(summary) + "\n")
             self.epoch += 1
             self.batch_in_epoch = 0
-            self.save_checkpoint(self.epoch)
-            if self.epoch < self.max_epochs and (self.epoch - 1) % self.val_epoch_freq == 0 and self.mode == "train":
-                self.run_val()
+            names = self.checkpointer.names_for_epoch_end(self.epoch)
+            if self._validation_due_after_epoch() and self.run_val():
+                names.append(BEST_NAME)
+            self.save_checkpoint(self.epoch, names)
+            if self.stopped_early:
+                return
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.validation is not None and self.validation.should_stop
+
+    def _validation_due_after_epoch(self) -> bool:
+        if self.validation is None or self.mode != "train":
+            return False
+        return self.validation.due_after_epoch(
+            epochs_done=self.epoch, max_epochs=self.max_epochs, epoch_freq=self.val_epoch_freq, step=self.steps[Phase.TRAIN]
+        )
 
     def _begin_epoch(self) -> Any:
         """The epoch's loader; when resuming mid-epoch, built from the RNG the epoch started with."""
@@ -231,6 +257,8 @@ class Trainer(TrainerSetupMixin):
             batch = next(batches)
             data_seconds = time.time() - end
             self._train_one_batch(batch, batch_index, steps_in_epoch, data_seconds, end)
+            if self.stopped_early:
+                break
             end = time.time()
         return self.progress.end_epoch(self.steps[Phase.TRAIN])
 
@@ -261,11 +289,16 @@ class Trainer(TrainerSetupMixin):
             lrs=[group["lr"] for group in self.optim.optimizer.param_groups],
             grad_norm=result.grad_norm,
         )
-        every = self.checkpoint_conf.save_every_steps
         # Only after an optimizer update: gradients accumulated so far are not part of a checkpoint.
-        at_update = result.optimizer_stepped or result.skipped
-        if every > 0 and self.steps[Phase.TRAIN] % every == 0 and self.batch_in_epoch < steps_in_epoch and at_update:
-            self.save_checkpoint(self.epoch, ["checkpoint"], batch_in_epoch=self.batch_in_epoch)
+        # The epoch's last batch is left to the epoch-end checkpoint and validation.
+        if not (result.optimizer_stepped or result.skipped) or self.batch_in_epoch >= steps_in_epoch:
+            return
+        step, every = self.steps[Phase.TRAIN], self.checkpoint_conf.save_every_steps
+        names = [LATEST_NAME] if every > 0 and step % every == 0 else []
+        if self.validation is not None and self.mode == "train" and self.validation.due_after_step(step):
+            names = [LATEST_NAME, BEST_NAME] if self.run_val() else [LATEST_NAME]
+        if names:
+            self.save_checkpoint(self.epoch, names, batch_in_epoch=self.batch_in_epoch)
 
     def snapshot_for_preemption(self) -> bool:
         """Saves the state at the last step boundary from a signal handler on rank 0 (no collectives).
@@ -282,33 +315,24 @@ class Trainer(TrainerSetupMixin):
         logging.info(f"preemption: saved {self.checkpointer.latest_path} at step {self.steps[Phase.TRAIN]}")
         return True
 
-    def run_val(self) -> dict[str, float]:
+    def run_val(self) -> bool:
+        """One validation round on every rank; True when its score is a new best."""
+        if self.validation is None:
+            return False
+        epochs_done = self.epoch + self.batch_in_epoch / max(self.steps_per_epoch or 1, 1)
+        return self.validation.run(self.model, epoch=epochs_done, step=self.steps[Phase.TRAIN])
+
+    def _make_validation_hook(self) -> ValidationHook | None:
         if self.val_dataset is None:
-            return {}
-        loader = self.val_dataset.get_loader(epoch=int(self.epoch))
-        self.model.eval()
-        totals: dict[str, float] = {}
-        count = 0
-        with torch.no_grad():
-            for batch in loader:
-                batch = batch.to(self.device, non_blocking=True)
-                _, losses = self.train_step.forward_loss(batch, self.model)
-                size = batch_size_of(batch)
-                for name, value in losses.items():
-                    totals[name] = totals.get(name, 0.0) + value * size
-                count += size
-                self.steps[Phase.VAL] += 1
-        averages = {
-            f"Losses/val_{name}": float(all_reduce_mean(torch.tensor(total / max(count, 1))))
-            for name, total in totals.items()
-        }
-        if self.rank == 0:
-            self.logger.log_dict(averages, self.epoch)
-            logging.info(f"validation after epoch {self.epoch}: {averages}")
-            with open(os.path.join(self.logging_conf.log_dir, "val_stats.json"), "a") as f:
-                f.write(json.dumps(averages) + "\n")
-        self.model.train()
-        return averages
+            return None
+        return ValidationHook(
+            self.validation_conf,
+            dataset=self.val_dataset,
+            rank=self.rank,
+            device=self.device,
+            logger=self.logger,
+            log_dir=self.logging_conf.log_dir,
+        )
 
     def _make_train_step(self) -> TrainStep:
         return TrainStep(

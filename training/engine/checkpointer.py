@@ -11,6 +11,7 @@ Layout of `<save_dir>/checkpoint.pt` (every value loads with `torch.load(weights
     steps          {"train": int, "val": int}
     time_elapsed   seconds of training so far, over all previous runs
     best_meter_values
+    validation     best validation score so far and the early-stopping count (with `data.val`)
     rng            RNG states now, and at the start of the epoch (to replay the data order)
 """
 
@@ -35,6 +36,8 @@ from training.utils.checkpoint_utils import (
 from training.utils.distributed import barrier, unwrap_ddp_if_wrapped
 
 LATEST_NAME = "checkpoint"
+# Written beside the latest checkpoint when validation finds a new best score (same content).
+BEST_NAME = "checkpoint_best"
 
 
 class NonFiniteWeightsError(RuntimeError):

@@ -100,3 +100,5 @@ class LoggingConf:
     log_visual_frequency: int = 100
     scalar_keys_to_log: Any = None
     log_batch_stats: bool = False
+    # Clips drawn in `<run>/predictions.png` by the final model at the end of a run (0: no picture).
+    final_predictions: int = 4

@@ -12,13 +12,16 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from sam2.modeling.sam2_base import SAM2Base
+from training.engine.checkpointer import BEST_NAME
 from training.engine.options import CudaConf, DistributedConf
 from training.engine.progress import format_banner
+from training.engine.run_summary import PICTURE_NAME, log_run_summary, write_prediction_picture
 from training.utils.checkpoint_utils import (
     assert_skipped_parameters_are_frozen,
     with_check_parameter_frozen,
 )
-from training.utils.distributed import get_world_size, setup_distributed_backend, unwrap_ddp_if_wrapped
+from training.utils.distributed import barrier, get_world_size, setup_distributed_backend, unwrap_ddp_if_wrapped
 from training.utils.logger import Logger, setup_logging
 from training.utils.train_utils import Phase, get_amp_type, get_machine_local_and_dist_rank, set_seeds
 
@@ -196,8 +199,44 @@ class TrainerSetupMixin:
         checksum = sum(float(p.detach().double().sum()) for p in self.model.parameters())
         logging.info(f"rank {self.rank}: final weights checksum {checksum:.17g}")
         if self.rank == 0:
-            logging.info(
-                f"training finished: epoch {self.epoch}/{self.max_epochs}, {self.steps[Phase.TRAIN]} steps, "
-                f"checkpoint {self.checkpointer.latest_path}"
-            )
+            picture = self._write_prediction_picture()
+            log_run_summary(self._final_headline(), self._final_rows(picture))
+        barrier()
 
+    def _final_headline(self) -> str:
+        if self.mode == "val":
+            return "validation finished"
+        headline = f"training finished: epoch {self.epoch}/{self.max_epochs}, {self.steps[Phase.TRAIN]} steps"
+        if self.validation is not None and self.validation.should_stop:
+            headline += f" (stopped early: no improvement in {self.validation.tracker.bad_validations} validations)"
+        return headline
+
+    def _final_rows(self, picture: str | None) -> list[tuple[str, str | None]]:
+        latest = self.checkpointer.latest_path
+        best_path = os.path.join(self.checkpoint_conf.save_dir, f"{BEST_NAME}.pt")
+        best = None
+        tracker = self.validation.tracker if self.validation is not None else None
+        if tracker is not None and tracker.best is not None and os.path.isfile(best_path):
+            best = f"{best_path} ({self.validation.metric} {tracker.best:.4f} at step {tracker.best_step})"
+        tb_logger = self.logger.tb_logger
+        return [
+            ("checkpoint", latest if os.path.isfile(latest) else None),
+            ("best", best),
+            ("tensorboard", f"tensorboard --logdir {tb_logger.path}" if tb_logger is not None else None),
+            ("predictions", picture),
+        ]
+
+    def _write_prediction_picture(self) -> str | None:
+        """`<run>/predictions.png` of the final model on a few validation (else training) clips."""
+        count = self.logging_conf.final_predictions
+        model = unwrap_ddp_if_wrapped(self.model)
+        data = self.val_dataset or self.train_dataset
+        if count <= 0 or data is None or not isinstance(model, SAM2Base):
+            return None
+        path = os.path.join(os.path.dirname(os.path.normpath(self.checkpoint_conf.save_dir)), PICTURE_NAME)
+        prompt = self.validation_conf.prompt
+        try:
+            return write_prediction_picture(model, data.get_loader(epoch=0), path, device=self.device, num_samples=count, prompt=prompt)
+        except Exception as exc:  # noqa: BLE001 - the run is done and saved; a picture must not fail it
+            logging.warning(f"could not draw the prediction picture ({type(exc).__name__}: {exc})")
+            return None
