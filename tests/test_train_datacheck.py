@@ -83,3 +83,17 @@ def test_usable_data_is_reported_and_training_goes_on(tmp_path, capsys):
     cfg, path = compose_config("sam2.1_training/quickstart", overrides)
     # The quickstart trains and validates on the sample folder: both datasets are checked.
     assert check_datasets(resolve_config(cfg, path)) == "dataset check: 2 dataset(s) usable"
+
+
+def test_a_batch_larger_than_the_dataset_is_one_line_not_a_traceback(tmp_path):
+    images, masks = make_sample_data(str(tmp_path / "data"), num_images=2, size=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    argv = [*quickstart_argv(images, masks, tmp_path / "run"), "scratch.train_batch_size=4", "scratch.resolution=64"]
+    done = subprocess.run(
+        [sys.executable, "training/train.py", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "error: cannot build the trainer: no dataset yields a full batch: sizes [2], batch sizes [4]" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

@@ -22,6 +22,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch.multiprocessing  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from training.dataset.checks import DatasetCheckFailed, check_config_datasets  # noqa: E402
@@ -143,8 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run directory: {cfg.launcher.experiment_log_dir}", flush=True)
     if cfg.submitit.get("use_cluster", False):
         launch_on_cluster(cfg, path.stem)
-    else:
+        return 0
+    try:
         launch_local(cfg, num_processes)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except torch.multiprocessing.ProcessExitedException as exc:  # a rank exited; it said why
+        return exc.exit_code or 1
     return 0
 
 

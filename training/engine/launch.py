@@ -15,9 +15,11 @@ from typing import Any
 
 import submitit
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from training.engine.config import ConfigError
 from training.utils.distributed import destroy_process_group, find_free_port
 from training.utils.train_utils import register_omegaconf_resolvers
 
@@ -29,12 +31,26 @@ def under_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+def build_trainer(cfg: DictConfig) -> Any:
+    """`cfg.trainer` instantiated; a user error deep inside (a batch larger than the dataset, a bad
+    keyword) becomes a ConfigError carrying its own message instead of nested Hydra wrappers."""
+    try:
+        return instantiate(cfg.trainer, _recursive_=False)
+    except InstantiationException as exc:
+        root: BaseException = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if isinstance(root, (ValueError, TypeError, FileNotFoundError)):
+            raise ConfigError(f"cannot build the trainer: {root}") from exc
+        raise
+
+
 def run_trainer(cfg: DictConfig | dict) -> None:
     """Builds and runs `cfg.trainer` in this process (the rank comes from the environment)."""
     register_omegaconf_resolvers()
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
-    trainer = instantiate(cfg.trainer, _recursive_=False)
+    trainer = build_trainer(cfg)
     try:
         trainer.run()
     finally:
@@ -55,7 +71,13 @@ def _spawned_rank(local_rank: int, master_port: int, cfg: dict, world_size: int)
     _set_rank_environment(
         rank=local_rank, local_rank=local_rank, world_size=world_size, master_addr="127.0.0.1", master_port=master_port
     )
-    run_trainer(cfg)
+    try:
+        run_trainer(cfg)
+    except ConfigError as exc:
+        # One line from rank 0, not a traceback per rank; the parent reports the exit code.
+        if local_rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def launch_local(cfg: DictConfig, num_processes: int) -> None:
