@@ -245,7 +245,7 @@ def test_explicit_foreach_or_fused_choice_is_kept():
     assert optim.optimizer.defaults["foreach"] is False and not optim.optimizer.defaults["fused"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused AdamW is chosen only for CUDA parameters")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU fused path is tested in test_fast_paths.py)")
 def test_fused_adamw_on_cuda():
     model = _tiny_model().cuda()
     optim_conf = OmegaConf.create(_mose_optim())

@@ -31,7 +31,7 @@ LOSS_PARTS = ("loss_mask", "loss_dice", "loss_iou", "loss_class")
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,
-    num_objects: float,
+    num_objects: float | Tensor,
     alpha: float = 0.25,
     gamma: float = 2,
     loss_on_multimask: bool = False,
@@ -59,7 +59,7 @@ def sigmoid_focal_loss(
     return loss.mean(1).sum() / num_objects
 
 
-def dice_loss(inputs: Tensor, targets: Tensor, num_objects: float, loss_on_multimask: bool = False) -> Tensor:
+def dice_loss(inputs: Tensor, targets: Tensor, num_objects: float | Tensor, loss_on_multimask: bool = False) -> Tensor:
     """Soft Dice loss `1 - (2|P∩T| + 1) / (|P| + |T| + 1)` on sigmoid probabilities.
 
     Args:
@@ -85,7 +85,7 @@ def iou_loss(
     inputs: Tensor,
     targets: Tensor,
     pred_ious: Tensor,
-    num_objects: float,
+    num_objects: float | Tensor,
     loss_on_multimask: bool = False,
     use_l1_loss: bool = False,
 ) -> Tensor:
@@ -111,14 +111,17 @@ def iou_loss(
     return loss / num_objects if loss_on_multimask else loss.sum() / num_objects
 
 
-def _objects_per_rank(num_local_objects: int, device: torch.device) -> float:
-    """Objects per GPU, averaged over all ranks, at least 1 (the loss normaliser)."""
+def _objects_per_rank(num_local_objects: int, device: torch.device) -> float | Tensor:
+    """Objects per GPU, averaged over all ranks, at least 1 (the loss normaliser).
+
+    A float in a single process; across ranks a 0-d tensor on `device`, left there so that the
+    step does not wait for the all-reduce on the host (no `.item()`).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return max(float(num_local_objects), 1.0)
     count = torch.tensor(num_local_objects, device=device, dtype=torch.float)
-    world_size = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        world_size = dist.get_world_size()
-    return torch.clamp(count / world_size, min=1).item()
+    dist.all_reduce(count)
+    return torch.clamp(count / dist.get_world_size(), min=1)
 
 
 class MultiStepMultiMasksAndIous(nn.Module):
@@ -184,7 +187,7 @@ class MultiStepMultiMasksAndIous(nn.Module):
                 totals[key] = totals[key] + value if key in totals else value
         return totals
 
-    def _frame_losses(self, outputs: Mapping[str, list[Tensor]], targets: Tensor, num_objects: float) -> dict[str, Tensor]:
+    def _frame_losses(self, outputs: Mapping[str, list[Tensor]], targets: Tensor, num_objects: float | Tensor) -> dict[str, Tensor]:
         """Losses of one frame, summed over its prediction steps; `targets` is `[N, H, W]`."""
         target_masks = targets.unsqueeze(1).float()
         steps = list(
@@ -203,7 +206,7 @@ class MultiStepMultiMasksAndIous(nn.Module):
         return losses
 
     def _step_losses(
-        self, masks: Tensor, target_masks: Tensor, ious: Tensor, object_score_logits: Tensor, num_objects: float
+        self, masks: Tensor, target_masks: Tensor, ious: Tensor, object_score_logits: Tensor, num_objects: float | Tensor
     ) -> dict[str, Tensor]:
         """Losses of one step: `masks` `[N, M, H, W]`, `target_masks` `[N, 1, H, W]`, `ious` `[N, M]`."""
         target_masks = target_masks.expand_as(masks)

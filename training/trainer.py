@@ -34,11 +34,15 @@ from training.engine.options import (
     OptimConf,
     from_mapping,
 )
+from training.engine.parallelize import apply_training_optimizations
 from training.engine.progress import ProgressReporter
 from training.engine.step import CORE_LOSS_KEY, TrainStep
 from training.engine.trainer_setup import TrainerSetupMixin
 from training.engine.validation_hook import ValidationConf, ValidationHook
-from training.utils.checkpoint_utils import load_state_dict_into_model, save_checkpoint_atomic
+from training.utils.checkpoint_utils import (
+    load_state_dict_into_model,
+    save_checkpoint_atomic,
+)
 from training.utils.distributed import (
     all_gather_object,
     barrier,
@@ -80,6 +84,7 @@ class Trainer(TrainerSetupMixin):
         meters: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
         validation: Mapping[str, Any] | None = None,
+        model_optimizations: Mapping[str, Any] | None = None,
     ) -> None:
         if mode not in ("train", "train_only", "val"):
             raise ValueError(f"trainer.mode is {mode!r}; use 'train', 'train_only' or 'val'")
@@ -106,6 +111,9 @@ class Trainer(TrainerSetupMixin):
         self.checkpointer = Checkpointer(self.checkpoint_conf, self.rank)
         self.checkpointer.prepare_resume_from()
         self.load_checkpoint()
+        # Checkpointing and compilation wrap forwards from outside, after weights are loaded and
+        # before DDP, so state-dict names stay those of the plain model.
+        self.model = apply_training_optimizations(self.model, **(model_optimizations or {}))
         self._wrap_ddp(dist_conf)
         self.train_step = self._make_train_step()
         self._log_banner()

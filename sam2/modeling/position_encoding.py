@@ -190,6 +190,7 @@ class AxialRotaryTables:
         self.head_dim = head_dim
         self.theta = theta
         self._cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._pair_cache: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
 
     def angles(self, end_x: int, end_y: int) -> Tensor:
         """Rotation angles `[end_x * end_y, head_dim / 2]` for a grid of `end_y` rows of `end_x` tokens."""
@@ -210,13 +211,38 @@ class AxialRotaryTables:
             self._cache[key] = tables
         return tables
 
+    def get_pair_tables(self, end_x: int, end_y: int, device: torch.device, repeats: int = 1) -> tuple[Tensor, Tensor]:
+        """The tables in the form `rotate_pairs_with` takes, for `repeats` grids one after another.
+
+        Returns `(cos, signed_sin)`, each `[repeats * end_x * end_y, head_dim / 2, 2]`: `cos`
+        twice per pair, `sin` as `(-sin, sin)`. Cached per size and repeat count, so memory
+        attention (keys: several memory frames of the query grid) builds them once per run.
+        """
+        key = (end_x, end_y, repeats)
+        tables = self._pair_cache.get(key)
+        if tables is None or tables[0].device != device:
+            cos, sin = self.get(end_x, end_y, device)
+            cos, sin = cos.repeat(repeats, 1), sin.repeat(repeats, 1)
+            tables = (torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
+            self._pair_cache[key] = tables
+        return tables
+
 
 def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate channel pairs `(x[2i], x[2i+1])` of `x` `[..., N, D]` by the angles of `cos`/`sin` `[N, D/2]`.
 
     Same as multiplying the pairs, read as complex numbers, by `cos + i sin`. Returns `x`'s dtype.
     """
+    return rotate_pairs_with(x, torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
+
+
+def rotate_pairs_with(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """`rotate_pairs` with the tables of `AxialRotaryTables.get_pair_tables` (`[N, D/2, 2]`).
+
+    `(re, im) -> (re cos - im sin, im cos + re sin)`, written as `pairs * cos + swapped * (-sin, sin)`:
+    four kernels instead of seven, and bit-identical to the written-out form (a negated factor
+    and a swapped addition round the same).
+    """
     pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    rotated = pairs * cos + pairs.flip(-1) * signed_sin
     return rotated.flatten(-2).type_as(x)

@@ -48,7 +48,8 @@ class SAM2Base(TrackStepMixin, SamHeadsMixin, nn.Module):
         image_encoder: `ImageEncoder`; its `neck.d_model` is the model width `hidden_dim`.
         memory_attention: `MemoryAttention`, conditions a frame's features on the memory.
         memory_encoder: `MemoryEncoder`; its `out_proj` width is the memory width `mem_dim`.
-        compile_image_encoder: wrap the image encoder's forward in `torch.compile`.
+        compile_image_encoder: ask the runner to `torch.compile` the image encoder (recorded
+            as `self.compile_image_encoder`; the module itself never compiles).
         **options: the official flat keywords (`num_maskmem`, `image_size`, `backbone_stride`,
             `use_obj_ptrs_in_encoder`, ...). They are sorted at once into `memory_options`,
             `pointer_options`, `score_options`, `multimask_policy` and `head_options`
@@ -87,12 +88,9 @@ class SAM2Base(TrackStepMixin, SamHeadsMixin, nn.Module):
         self._build_memory_embeddings()
         self._build_sam_heads()
 
-        if compile_image_encoder:
-            # Only the forward is compiled, so checkpoints keep their plain parameter names.
-            print("Image encoder compilation is enabled. First forward pass will be slow.")
-            self.image_encoder.forward = torch.compile(
-                self.image_encoder.forward, mode="max-autotune", fullgraph=True, dynamic=False
-            )
+        # Recorded, not acted on: whoever runs the model compiles it from outside (the trainer's
+        # `apply_training_optimizations`, the VOS video predictor), so the module stays plain.
+        self.compile_image_encoder = compile_image_encoder
 
     # Flat official names of the grouped options.
     num_maskmem = _option("memory_options", "num_maskmem")
@@ -185,12 +183,21 @@ class SAM2Base(TrackStepMixin, SamHeadsMixin, nn.Module):
             high-res features on, the two finest FPN levels are already projected by the mask
             decoder's `conv_s0` / `conv_s1`, so repeated clicks do not redo it.
         """
-        backbone_out = self.image_encoder(img_batch)
+        if self._image_encoder_is_frozen() and not img_batch.requires_grad:
+            # Nothing upstream needs a gradient: keep none of the encoder's activations.
+            with torch.no_grad():
+                backbone_out = self.image_encoder(img_batch)
+        else:
+            backbone_out = self.image_encoder(img_batch)
         if self.use_high_res_features_in_sam:
             fpn = backbone_out["backbone_fpn"]
             fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
             fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1])
         return backbone_out
+
+    def _image_encoder_is_frozen(self) -> bool:
+        """True when no image-encoder parameter trains (e.g. `freeze_image_encoder`)."""
+        return not any(param.requires_grad for param in self.image_encoder.parameters())
 
     def _prepare_backbone_features(
         self, backbone_out: dict[str, Any]

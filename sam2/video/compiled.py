@@ -28,7 +28,11 @@ class CompiledComponentsMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         print("Compiling all components for VOS setting. First time may be very slow.")
-        for name, dynamic in _COMPILED_COMPONENTS.items():
+        components = dict(_COMPILED_COMPONENTS)
+        if self.compile_image_encoder:
+            # The model only records the flag; compiling is the runner's job.
+            components["image_encoder"] = False
+        for name, dynamic in components.items():
             module = getattr(self, name)
             module.forward = torch.compile(module.forward, mode="max-autotune", fullgraph=True, dynamic=dynamic)
 

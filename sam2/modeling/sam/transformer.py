@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sam2.modeling.position_encoding import AxialRotaryTables, rotate_pairs
+from sam2.modeling.position_encoding import AxialRotaryTables, rotate_pairs_with
 from sam2.modeling.sam2_utils import MLP
 
 
@@ -123,8 +123,8 @@ class RoPEAttention(Attention):
             raise ValueError(
                 f"{num_keys} keys for {num_queries} queries: keys spanning several grids need rope_k_repeat=True"
             )
-        cos, sin = self.rope.get(*self._grid_size(num_queries), device=q.device)
-        q = rotate_pairs(q, cos, sin)
+        grid = self._grid_size(num_queries)
+        q = rotate_pairs_with(q, *self.rope.get_pair_tables(*grid, device=q.device))
 
         num_k_rope = num_keys - num_k_exclude_rope
         if num_k_rope > 0:
@@ -134,7 +134,7 @@ class RoPEAttention(Attention):
                     f"a whole number of {num_queries}-token grids"
                 )
             repeats = num_k_rope // num_queries
-            rotated = rotate_pairs(k[:, :, :num_k_rope], cos.repeat(repeats, 1), sin.repeat(repeats, 1))
+            rotated = rotate_pairs_with(k[:, :, :num_k_rope], *self.rope.get_pair_tables(*grid, device=k.device, repeats=repeats))
             k = torch.cat((rotated, k[:, :, num_k_rope:]), dim=-2) if num_k_exclude_rope > 0 else rotated
         return self._attend(q, k, v)
 

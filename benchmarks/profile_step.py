@@ -1,0 +1,137 @@
+"""Profile one CPU training step of our SAM2Train + loss on a synthetic clip (no data loading).
+
+    python benchmarks/profile_step.py --frames 4 --resolution 256 --steps 3 [--cprofile] [--torch-profiler]
+    python benchmarks/profile_step.py --opt activation_checkpointing=true   # a fast path on
+
+Builds the model and loss from the benchmark's training config (`train_config.py`: the official
+MOSE fine-tune settings, tiny trunk), so it runs the same work as `bench_train_step.py` minus
+the data pipeline and the trainer loop. Prints seconds per step (wall and CPU) and, on request,
+the top of a cProfile or torch.profiler table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import reference_root
+from benchmarks.train_config import TrainCase, build_train_config
+from training.loss_fns import CORE_LOSS_KEY
+from training.utils.data_utils import BatchedVideoDatapoint, BatchedVideoMetaData
+from training.utils.train_utils import register_omegaconf_resolvers
+
+
+def synthetic_batch(num_frames: int, num_objects: int, size: int) -> BatchedVideoDatapoint:
+    gen = torch.Generator().manual_seed(0)
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    masks = torch.zeros(num_frames, num_objects, size, size, dtype=torch.bool)
+    for t in range(num_frames):
+        for n in range(num_objects):
+            cy, cx = size * (0.3 + 0.4 * n) + 3 * t, size * 0.4 + 2 * t
+            masks[t, n] = ((ys - cy) ** 2 + (xs - cx) ** 2) < (size * 0.15) ** 2
+    obj_to_frame = torch.tensor([[[t, 0]] * num_objects for t in range(num_frames)], dtype=torch.int)
+    return BatchedVideoDatapoint(
+        img_batch=torch.randn(num_frames, 1, 3, size, size, generator=gen),
+        obj_to_frame_idx=obj_to_frame,
+        masks=masks,
+        metadata=BatchedVideoMetaData(
+            unique_objects_identifier=torch.zeros(num_frames, num_objects, 3, dtype=torch.long),
+            frame_orig_size=torch.full((num_frames, num_objects, 2), size, dtype=torch.long),
+        ),
+        dict_key="all",
+        batch_size=[num_frames],
+    )
+
+
+def build(args: argparse.Namespace):
+    case = TrainCase("profile", "tiny", args.resolution, num_frames=args.frames, max_num_objects=args.objects)
+    cfg = build_train_config(
+        reference_root(), case, device="cpu", img_folder=Path("/nonexistent"), gt_folder=Path("/nonexistent"),
+        init_checkpoint=Path("/nonexistent"), run_dir=Path("/tmp"), num_workers=0,
+    )  # fmt: skip
+    register_omegaconf_resolvers()
+    resolved = OmegaConf.create(cfg)
+    OmegaConf.resolve(resolved)
+    trainer = OmegaConf.to_container(resolved.trainer)
+    model_cfg = {**trainer["model"], "_target_": "training.model.sam2.SAM2Train"}
+    loss_cfg = trainer["loss"]["all"]
+    loss_cfg["_target_"] = "training.loss_fns.MultiStepMultiMasksAndIous"
+    torch.manual_seed(0)
+    model = instantiate(model_cfg, _convert_="all")
+    loss = instantiate(loss_cfg, _convert_="all")
+    if args.opt:
+        from training.engine.parallelize import apply_training_optimizations
+
+        options = {k: v.lower() in ("1", "true", "yes") if v.lower() in ("1", "0", "true", "false", "yes", "no") else v
+                   for k, v in (item.split("=", 1) for item in args.opt)}
+        model = apply_training_optimizations(model, **options)
+    model.train()
+    return model, loss
+
+
+def _peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def step(model, loss, batch, optim) -> None:
+    frames = model(batch)
+    losses = loss(frames, batch.masks)
+    optim.zero_grad(set_to_none=True)
+    losses[CORE_LOSS_KEY].backward()
+    optim.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--objects", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--unfused", action="store_true", help="single-tensor AdamW (the pre-fast-path optimizer)")
+    parser.add_argument("--torch-profiler", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative)")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--opt", nargs="*", default=[], help="apply_training_optimizations keywords, KEY=VALUE")
+    args = parser.parse_args()
+    model, loss = build(args)
+    batch = synthetic_batch(args.frames, args.objects, args.resolution)
+    # The trainer's choice (training.optimizer): fused AdamW wherever torch has it.
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=not args.unfused)
+    step(model, loss, batch, optim)  # warm-up
+    wall, cpu = time.perf_counter(), time.process_time()
+    if args.cprofile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+    if args.torch_profiler:
+        with torch.profiler.profile(record_shapes=False) as prof:
+            for _ in range(args.steps):
+                step(model, loss, batch, optim)
+    else:
+        for _ in range(args.steps):
+            step(model, loss, batch, optim)
+    wall, cpu = (time.perf_counter() - wall) / args.steps, (time.process_time() - cpu) / args.steps
+    peak = _peak_rss_gib()
+    print(f"{wall:.3f} s/step wall, {cpu:.3f} s/step CPU, peak RSS {peak:.2f} GiB ({args.frames} frames, {args.resolution} px)")
+    if args.cprofile:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
+    if args.torch_profiler:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+
+if __name__ == "__main__":
+    main()
