@@ -23,6 +23,7 @@ from training.dataset.vos_dataset import VOSDataset
 from training.dataset.vos_raw_dataset import ImageFolderRawDataset, PNGRawDataset
 from training.dataset.vos_sampler import RandomUniformSampler
 from training.tools.check_dataset import main as check_main
+from training.tools.make_sample_data import make_sample_data
 
 SIZE = (24, 32)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -164,6 +165,17 @@ def test_checker_counts_and_cli_exit_codes(tmp_path, capsys):
     assert check_main(["--img-folder", paths.img_folder, "--gt-folder", paths.gt_folder]) == 1
     out = capsys.readouterr().out
     assert "corrupt frame" in out and "00003.jpg" in out and "FAILED" in out
+
+
+def test_checker_cli_reads_a_training_config_with_overrides(tmp_path, capsys):
+    images, masks = make_sample_data(str(tmp_path / "data"), num_images=2, size=32)
+    config = ["--config", "sam2.1_training/quickstart", "--fast"]
+    assert check_main([*config, f"dataset.img_folder={images}", f"dataset.gt_folder={masks}"]) == 0
+    assert "OK: the data can train" in capsys.readouterr().out
+    assert check_main([*config, f"dataset.img_folder={tmp_path / 'nowhere'}", f"dataset.gt_folder={masks}"]) == 1
+    assert "nowhere" in capsys.readouterr().out
+    assert check_main(["--config", "no_such_config"]) == 2
+    assert "no_such_config" in capsys.readouterr().err
 
 
 def test_config_check_stops_on_unusable_data(tmp_path):
