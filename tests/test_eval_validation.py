@@ -50,7 +50,8 @@ def video_batches(tmp_path_factory, model):
 
 
 def test_video_metrics_over_pipeline_batches(model, video_batches):
-    metrics = ValidationMetrics(task="video", prompt="mask", num_overlays=1)
+    # Image-only options in a shared config (task "auto") must not reach the video evaluation.
+    metrics = ValidationMetrics(task="video", prompt="mask", num_overlays=1, correction_clicks=2, max_clicks=5)
     model.train()
     for batch in video_batches:
         metrics.update(model, batch)
@@ -118,3 +119,5 @@ def test_unknown_task_or_prompt_is_rejected():
         ValidationMetrics(task="segmentation")
     with pytest.raises(ValueError, match="prompt"):
         ValidationMetrics(prompt="scribble")
+    with pytest.raises(ValueError, match=r"unknown validation option\(s\) \['max_click'\]"):
+        ValidationMetrics(task="image", max_click=3)

@@ -33,6 +33,13 @@ from training.evaluation.video_eval import VIDEO_PROMPTS, evaluate_video_clip
 TASKS = ("video", "image")
 
 
+# The keywords each task's evaluation takes; a config may carry both sets (its task can be "auto").
+TASK_OPTIONS = {
+    "video": {"skip_first_and_last", "bound_th", "autocast_dtype"},
+    "image": {"correction_clicks", "max_clicks", "noc_thresholds", "feed_previous_mask"},
+}
+
+
 class ValidationMetrics:
     """Accumulates per-object rows over one validation round.
 
@@ -41,7 +48,8 @@ class ValidationMetrics:
         prompt: first-frame prompt for videos: "mask", "box" or "click".
         num_overlays: clips kept (on each rank) for the overlay panel.
         **kwargs: for videos `skip_first_and_last`, `bound_th`, `autocast_dtype`; for images
-            `correction_clicks`, `max_clicks`, `noc_thresholds`.
+            `correction_clicks`, `max_clicks`, `noc_thresholds`, `feed_previous_mask`. Those of
+            the other task are ignored.
     """
 
     def __init__(self, *, task: str = "video", prompt: str = "mask", num_overlays: int = 4, **kwargs: Any) -> None:
@@ -49,7 +57,14 @@ class ValidationMetrics:
             raise ValueError(f"validation task must be one of {TASKS}, got {task!r}")
         if prompt not in VIDEO_PROMPTS:
             raise ValueError(f"validation prompt must be one of {VIDEO_PROMPTS}, got {prompt!r}")
-        self.task, self.prompt, self.num_overlays, self.kwargs = task, prompt, num_overlays, kwargs
+        unknown = set(kwargs) - set().union(*TASK_OPTIONS.values())
+        if unknown:
+            raise ValueError(
+                f"unknown validation option(s) {sorted(unknown)}; video options: {sorted(TASK_OPTIONS['video'])}, "
+                f"image options: {sorted(TASK_OPTIONS['image'])}"
+            )
+        task_kwargs = {k: v for k, v in kwargs.items() if k in TASK_OPTIONS[task]}
+        self.task, self.prompt, self.num_overlays, self.kwargs = task, prompt, num_overlays, task_kwargs
         self.reset()
 
     def reset(self) -> None:
