@@ -131,3 +131,13 @@ def test_two_gloo_ranks_give_the_numbers_of_one(video_paths, tmp_path):
     assert list(gathered["video"]) == list(expected["video"]) == ["video000"] * 2 + ["video001"] * 2 + ["video002"] * 2
     for column in ("J", "F", "J&F"):
         np.testing.assert_allclose(gathered[column].to_numpy(), expected[column].to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_a_training_config_is_scored_on_its_validation_folders(tmp_path):
+    config = tmp_path / "with_val.yaml"
+    config.write_text(
+        "# @package _global_\ndefaults:\n  - sam2.1_training/quickstart\n  - _self_\n"
+        f"dataset:\n  val_img_folder: {tmp_path / 'val_images'}\n  val_gt_folder: {tmp_path / 'val_masks'}\n"
+    )
+    with pytest.raises(FileNotFoundError, match="val_images"):  # not the training images of quickstart
+        main(["-c", str(config), "--checkpoint", "none", "--output-dir", str(tmp_path / "out")])

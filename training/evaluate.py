@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--name", action="append", default=[], help="a name per checkpoint (default: file stem)")
     model.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     data = parser.add_argument_group("data")
-    data.add_argument("--img-folder", help="frames (<video>/<frame>.jpg) or images (<name>.jpg)")
+    data.add_argument("--img-folder", help="frames (<video>/<frame>.jpg) or images (<name>.jpg); default with -c: "
+                      "dataset.val_img_folder, else dataset.img_folder")
     data.add_argument("--gt-folder", help="masks (<video>/<frame>.png) or (<name>.png)")
     data.add_argument("--file-list-txt", default=None, help="names of the videos / images to use")
     data.add_argument("--dataset-kind", choices=("auto", "video", "image"), default="auto")
@@ -116,9 +117,13 @@ def main(argv: list[str] | None = None) -> dict[str, EvalResult]:
     args = build_parser().parse_args(argv)
     cfg, run_dir = _training_setup(args)
     dataset_cfg = cfg.get("dataset", {}) if cfg is not None else {}
-    img_folder = args.img_folder or dataset_cfg.get("img_folder")
-    gt_folder = args.gt_folder or dataset_cfg.get("gt_folder")
-    file_list = args.file_list_txt or dataset_cfg.get("file_list_txt")
+    # A config's held-out data when it names one: scoring the training images says little.
+    use_val = bool(dataset_cfg.get("val_img_folder")) and bool(dataset_cfg.get("val_gt_folder"))
+    img_folder = args.img_folder or dataset_cfg.get("val_img_folder" if use_val else "img_folder")
+    gt_folder = args.gt_folder or dataset_cfg.get("val_gt_folder" if use_val else "gt_folder")
+    if cfg is not None and not args.img_folder and not use_val:
+        print("note: the config has no dataset.val_img_folder; scoring its training data", file=sys.stderr)
+    file_list = args.file_list_txt or (None if use_val else dataset_cfg.get("file_list_txt"))
     dataset, kind = open_dataset(img_folder, gt_folder, kind=args.dataset_kind, file_list_txt=file_list)
     task = args.task or kind
     results: dict[str, EvalResult] = {}
