@@ -4,6 +4,7 @@ the independent DAVIS 2017 implementation (`segmetric`, optional) on random and 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +17,12 @@ from training.evaluation.metrics import (
     frame_statistics,
     region_iou,
 )
-from training.evaluation.morphology import disk_dilate, distance_inside, label_components, squared_distance_to
+from training.evaluation.morphology import (
+    disk_dilate,
+    distance_inside,
+    label_components,
+    squared_distance_to,
+)
 
 
 def square(size: int, top: int, left: int, side: int, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -201,9 +207,14 @@ def _shape_masks(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray
 
 
 def test_matches_davis2017_implementation():
-    davis = pytest.importorskip(
-        "segmetric.metrics", reason="install esdft-segmetric (needs opencv-python-headless, scikit-image)"
-    )
+    try:
+        import segmetric.metrics as davis
+    except ImportError:
+        # .ci/run installs this test-only oracle; in CI its absence is a failure, not a skip.
+        message = "install esdft-segmetric (see .ci/run: opencv-python-headless, scikit-image, then --no-deps)"
+        if os.environ.get("SAM2_REQUIRE_REFERENCE", "") not in ("", "0"):
+            pytest.fail(message)
+        pytest.skip(message)
     rng = np.random.default_rng(0)
     worst = 0.0
     for case in range(60):
