@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import tempfile
@@ -211,16 +212,12 @@ def load_state_dict_into_model(
 
     Unexpected keys always raise; missing keys raise when `strict` (after `ignore_missing_keys`).
     """
-    for kernel in checkpoint_kernels or ():
-        state_dict = kernel(state_dict=state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    check_load_state_dict_errors(
-        missing,
-        unexpected,
-        strict=strict,
-        ignore_missing_keys=ignore_missing_keys,
-        ignore_unexpected_keys=ignore_unexpected_keys,
-    )
+    # Kernels (key filters, remappings) run in config order, each on the previous one's output.
+    state_dict = functools.reduce(lambda sd, kernel: kernel(state_dict=sd), checkpoint_kernels or (), state_dict)
+    # Loaded non-strictly so that the report below can apply the ignore patterns and name the keys.
+    incompatible = model.load_state_dict(state_dict, strict=False)
+    ignore = dict(ignore_missing_keys=ignore_missing_keys, ignore_unexpected_keys=ignore_unexpected_keys)
+    check_load_state_dict_errors(*incompatible, strict=strict, **ignore)
     return model
 
 
