@@ -48,11 +48,12 @@ def _images() -> dict[str, torch.Tensor]:
 
 def _grad_weights() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    return [torch.randn(2, 16 * 2**s, 16 // 2**s, 16 // 2**s, generator=gen) for s in range(4)]
+    return [torch.randn(2, 16 * 2**s, 24 // 2**s, 24 // 2**s, generator=gen) for s in range(4)]
 
 
 def _weighted_sum(features: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
-    return sum((f * w).sum() for f, w in zip(features, weights))
+    """Features weighted by (the top-left corner of) fixed random maps, summed."""
+    return sum((f * w[..., : f.shape[-2], : f.shape[-1]]).sum() for f, w in zip(features, weights))
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +79,13 @@ def ref_out(reference):
             last_only.load_state_dict(net.state_dict())
             outputs["last_only"] = (last_only(images["square_96"]), last_only.channel_list)
 
-        img = images["square_64"].clone().requires_grad_(True)
-        loss = sum((f * w).sum() for f, w in zip(net(img), inputs["grad_weights"]))
-        loss.backward()
-        outputs["input_grad"] = img.grad
-        outputs["param_grads"] = {n: p.grad for n, p in net.named_parameters()}
+        outputs["grads"] = {}
+        for name in ("square_64", "square_96"):
+            img = images[name].clone().requires_grad_(True)
+            loss = sum((f * w[..., :f.shape[-2], :f.shape[-1]]).sum() for f, w in zip(net(img), inputs["grad_weights"]))
+            loss.backward()
+            outputs["grads"][name] = (img.grad, {n: p.grad for n, p in net.named_parameters()})
+            net.zero_grad(set_to_none=True)
 
         dropping = Hiera(**cfg, drop_path_rate=0.5)
         dropping.load_state_dict(net.state_dict())
@@ -138,13 +141,15 @@ def test_last_layer_only_matches_reference(tiny, ref_out):
 
 
 @pytest.mark.reference
-def test_gradients_match_reference(tiny, ref_out):
-    img = _images()["square_64"].requires_grad_(True)
+@pytest.mark.parametrize("size", ["square_64", "square_96"])  # 96 px pads windows (see TINY)
+def test_gradients_match_reference(tiny, ref_out, size):
+    img = _images()[size].requires_grad_(True)
     _weighted_sum(tiny(img), _grad_weights()).backward()
-    assert_close_scaled(img.grad, ref_out["input_grad"])
+    ref_input_grad, ref_param_grads = ref_out["grads"][size]
+    assert_close_scaled(img.grad, ref_input_grad)
     grads = {name: p.grad for name, p in tiny.named_parameters()}
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
-    assert_close_scaled(grads, ref_out["param_grads"])
+    assert_close_scaled(grads, ref_param_grads)
     tiny.zero_grad(set_to_none=True)
 
 

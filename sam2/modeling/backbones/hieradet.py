@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from sam2.modeling.backbones.utils import PatchEmbed, window_partition, window_unpartition
 from sam2.modeling.sam2_utils import MLP, DropPath
@@ -43,20 +44,45 @@ class MultiScaleAttention(nn.Module):
         self.q_pool = q_pool
         self.dim, self.dim_out, self.num_heads = dim, dim_out, num_heads
 
-    def forward(self, x: Tensor) -> Tensor:
-        """`[B, H, W, dim]` -> `[B, H', W', dim_out]`, with `(H', W')` the pooled grid."""
+    def forward(self, x: Tensor, window_size: int = 0) -> Tensor:
+        """`[B, H, W, dim]` -> `[B, H', W', dim_out]`, with `(H', W')` the pooled grid.
+
+        With `window_size`, tokens attend only inside square windows of that side, the map
+        padded at the bottom and right to whole windows. A padding token is a zero input, whose
+        projection is the qkv bias; so where there is padding, the projection runs on the real
+        tokens only and its output is padded with the bias. Keys and values are the same, and
+        the padding is not projected: two thirds of the tokens at 256 px, where a 16-token grid
+        meets 14-token windows. Outputs at padded positions are cropped before the output
+        projection.
+        """
         batch, height, width, _ = x.shape
+        if not window_size:
+            return self.proj(self._attend(self.qkv(x)))
+        padded_h, padded_w = (-(-side // window_size) * window_size for side in (height, width))
+        if (padded_h, padded_w) == (height, width):
+            # Cut the input rather than the projection: dim channels to move instead of 3 * dim_out.
+            windows = self.qkv(window_partition(x, window_size)[0])
+        else:
+            windows = window_partition(self.qkv(x), window_size, pad_value=self.qkv.bias)[0]
+        out = self._attend(windows)
+        pooled_window = out.shape[1]  # pooling shrank every window alike
+        stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
+        pooled_hw = (padded_h // window_size * pooled_window, padded_w // window_size * pooled_window)
+        out = window_unpartition(out, pooled_window, pooled_hw, (height // stride_h, width // stride_w))
+        return self.proj(out)
+
+    def _attend(self, qkv: Tensor) -> Tensor:
+        """Projected tokens `[B, H, W, 3 * dim_out]` -> attention outputs `[B, H', W', dim_out]`."""
+        batch, height, width, _ = qkv.shape
         # The last axis of qkv is laid out as (q|k|v, head, head_dim).
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, H*W, head_dim]
+        q, k, v = qkv.reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         if self.q_pool is not None:
             q_grid = q.transpose(1, 2).reshape(batch, height, width, -1)
             q_grid = _pool_channels_last(q_grid, self.q_pool)
             height, width = q_grid.shape[1:3]
             q = q_grid.reshape(batch, height * width, self.num_heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, height, width, -1)
-        return self.proj(out)
+        out = F.scaled_dot_product_attention(q, k, v)  # each of q, k, v: [B, heads, tokens, head_dim]
+        return out.transpose(1, 2).reshape(batch, height, width, -1)
 
 
 class MultiScaleBlock(nn.Module):
@@ -110,18 +136,8 @@ class MultiScaleBlock(nn.Module):
             shortcut = self.proj(x)
         if self.pool is not None:
             shortcut = _pool_channels_last(shortcut, self.pool)
-        x = shortcut + self.drop_path(self._attend(x, out_hw=shortcut.shape[1:3]))
+        x = shortcut + self.drop_path(self.attn(x, self.window_size))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _attend(self, x: Tensor, out_hw: tuple[int, int]) -> Tensor:
-        if self.window_size == 0:
-            return self.attn(x)
-        windows, (padded_h, padded_w) = window_partition(x, self.window_size)
-        windows = self.attn(windows)
-        # Query pooling shrank every window alike, so the window grid keeps its rows and columns.
-        pooled_window = windows.shape[1]
-        pooled_hw = (padded_h // self.window_size * pooled_window, padded_w // self.window_size * pooled_window)
-        return window_unpartition(windows, pooled_window, pooled_hw, out_hw)
 
 
 class Hiera(nn.Module):

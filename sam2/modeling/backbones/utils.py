@@ -6,16 +6,20 @@ returns that layout.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def window_partition(x: Tensor, window_size: int) -> tuple[Tensor, tuple[int, int]]:
-    """Cut a token map into non-overlapping square windows, zero-padding bottom and right.
+def window_partition(
+    x: Tensor, window_size: int, pad_value: Tensor | None = None
+) -> tuple[Tensor, tuple[int, int]]:
+    """Cut a token map into non-overlapping square windows, padding bottom and right.
 
     Args:
         x: tokens `[B, H, W, C]`.
         window_size: side of a window, in tokens.
+        pad_value: the token `[C]` that fills the padding; zeros when `None`.
 
     Returns:
         windows `[B * num_windows, window_size, window_size, C]`, ordered row-major over the
@@ -24,8 +28,13 @@ def window_partition(x: Tensor, window_size: int) -> tuple[Tensor, tuple[int, in
     batch, height, width, channels = x.shape
     padded_h = -(-height // window_size) * window_size
     padded_w = -(-width // window_size) * window_size
-    if (padded_h, padded_w) != (height, width):
+    if pad_value is None and (padded_h, padded_w) != (height, width):
         x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
+    elif pad_value is not None:
+        if padded_w != width:
+            x = torch.cat([x, pad_value.expand(batch, height, padded_w - width, channels)], dim=2)
+        if padded_h != height:
+            x = torch.cat([x, pad_value.expand(batch, padded_h - height, padded_w, channels)], dim=1)
     rows, cols = padded_h // window_size, padded_w // window_size
     grid = x.reshape(batch, rows, window_size, cols, window_size, channels)
     windows = grid.transpose(2, 3).reshape(batch * rows * cols, window_size, window_size, channels)
