@@ -123,6 +123,35 @@ def test_checkpointed_sam2train_step_gives_equal_outputs_losses_and_gradients():
     assert all(g is not None for n, g in grads_ckpt.items() if n.startswith("image_encoder.trunk.blocks"))
 
 
+def test_skipping_the_last_frames_memory_changes_no_loss_or_gradient():
+    skipping = visible_model().train()
+    encoding = copy.deepcopy(skipping)
+
+    def track_encoding_every_memory(backbone_out, input):
+        # `return_dict=True` encodes every frame's memory, as the official trainer does.
+        bank = type(encoding).forward_tracking(encoding, backbone_out, input, return_dict=True)
+        by_frame = {**bank["cond_frame_outputs"], **bank["non_cond_frame_outputs"]}
+        return [by_frame[t] for t in sorted(by_frame)]
+
+    encoding.forward_tracking = track_encoding_every_memory
+    seen = {}
+
+    def record(model, key):
+        forward = model.forward
+        model.forward = lambda batch: seen.setdefault(key, forward(batch))
+
+    record(skipping, "skipping")
+    record(encoding, "encoding")
+    masks_skip, loss_skip, grads_skip = _train_step(skipping)
+    masks_enc, loss_enc, grads_enc = _train_step(encoding)
+    assert seen["encoding"][-1]["maskmem_features"] is not None
+    assert seen["skipping"][-1]["maskmem_features"] is None
+    assert all(frame["maskmem_features"] is not None for frame in seen["skipping"][:-1])
+    torch.testing.assert_close(masks_skip, masks_enc, **EXACT)
+    torch.testing.assert_close(loss_skip, loss_enc, **EXACT)
+    _assert_same_grads(grads_skip, grads_enc, **EXACT)
+
+
 def test_checkpointing_is_skipped_without_autograd():
     model = apply_training_optimizations(visible_model().eval(), activation_checkpointing=True)
     with torch.no_grad():

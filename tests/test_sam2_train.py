@@ -93,7 +93,11 @@ def ours(ref_out):
 def test_eval_forward_matches_reference_step_by_step(ours, ref_out):
     steps = [len(frame["multistep_pred_ious"]) for frame in ref_out["frames"]]
     assert max(steps) == 3, f"expected corrected frames with 1 + 2 steps, got steps {steps}"
-    assert_close(ours["frames"], ref_out["frames"], rtol=1e-5, atol=1e-5)
+    # Ours does not encode the memory of the last frame tracked, which nothing reads (that this
+    # changes no loss or gradient is tested in test_fast_paths); the reference's is dropped.
+    assert ours["frames"][-1]["maskmem_features"] is None
+    ref_frames = [*ref_out["frames"][:-1], {**ref_out["frames"][-1], "maskmem_features": None}]
+    assert_close(ours["frames"], ref_frames, rtol=1e-5, atol=1e-5)
 
 
 def test_loss_parts_match_reference(ours, ref_out):

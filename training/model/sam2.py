@@ -137,7 +137,8 @@ class SAM2Train(SAM2Base):
             `[N, M, H, W]`), `multistep_pred_ious` (`[N, M]`), `multistep_object_score_logits`
             (`[N, 1]`), their low-res `multistep_pred_multimasks`, `multistep_pred_masks(_high_res)`
             (`[N, S, ...]`, the chosen mask of each of the S steps), `multistep_point_inputs`,
-            `pred_masks(_high_res)` (final step) and the frame's memory.
+            `pred_masks(_high_res)` (final step) and the frame's memory (`None` for the last
+            frame tracked, whose memory nothing reads).
         """
         if self.training or not self.forward_backbone_per_frame_for_eval:
             backbone_out = self.forward_image(input.flat_img_batch)
@@ -173,7 +174,8 @@ class SAM2Train(SAM2Base):
         frames_to_correct = backbone_out["frames_to_add_correction_pt"]
         output_dict: dict[str, dict[int, Any]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         cache: dict = {}
-        for t in init_cond_frames + backbone_out["frames_not_in_init_cond"]:
+        order = init_cond_frames + backbone_out["frames_not_in_init_cond"]
+        for t in order:
             feats, pos, sizes = self._features_of_frame(backbone_out, input, input.flat_obj_to_img_idx[t], cache)
             current_out = self.track_step(
                 frame_idx=t,
@@ -187,6 +189,9 @@ class SAM2Train(SAM2Base):
                 frames_to_add_correction_pt=frames_to_correct,
                 output_dict=output_dict,
                 num_frames=backbone_out["num_frames"],
+                # No frame reads the last frame's memory and the loss does not see it: skip it
+                # (its encoder costs ~7% of a one-frame step), unless the caller wants the bank.
+                run_mem_encoder=return_dict or t != order[-1],
             )
             becomes_cond = t in init_cond_frames or (
                 self.corrections.add_all_frames_to_correct_as_cond and t in frames_to_correct
