@@ -90,6 +90,13 @@ for name, flags in inputs["variants"].items():
         (out * inputs["grad_weight"]).sum().backward()
         outputs["input_grads"] = {k: v.grad for k, v in leaves.items()}
         outputs["param_grads"] = {n: p.grad for n, p in model.named_parameters()}
+    # Training mode: dropout on the residual branches, in the feed-forward block and on attention.
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+    out = model.train()(num_obj_ptr_tokens=inputs["num_ptr_tokens"], **leaves)
+    (out * inputs["grad_weight"]).sum().backward()
+    outputs[name + "_train"] = (out.detach(), {k: v.grad for k, v in leaves.items()}, {n: p.grad for n, p in model.named_parameters()})
 
 cfg = OmegaConf.load(inputs["tiny_config"])
 full = instantiate(cfg.model.memory_attention, _recursive_=True)
@@ -176,6 +183,22 @@ def test_gradients_match_reference(ref_out):
         assert_close(param.grad, expected, atol=1e-5 * max(1.0, expected.abs().max().item()), path=name)
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_mode_draws_the_same_dropout_and_gradients_as_reference(variant, ref_out):
+    model, x = _loaded(variant, ref_out).train(), _inputs()
+    leaves = {k: x[k].clone().requires_grad_() for k in ("curr", "curr_pos", "memory", "memory_pos")}
+    torch.manual_seed(7)
+    out = model(num_obj_ptr_tokens=NUM_PTR_TOKENS, **leaves)
+    (out * x["grad_weight"]).sum().backward()
+    ref_out_train, ref_input_grads, ref_param_grads = ref_out[f"{variant}_train"]
+    assert_close(out, ref_out_train)
+    assert_close({k: v.grad for k, v in leaves.items()}, ref_input_grads)
+    for name, param in model.named_parameters():
+        expected = ref_param_grads[name]
+        assert_close(param.grad, expected, atol=1e-5 * max(1.0, expected.abs().max().item()), path=name)
 
 
 @pytest.mark.reference

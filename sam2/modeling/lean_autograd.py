@@ -1,0 +1,78 @@
+"""Autograd keeps fewer activations for backward, with gradients unchanged to the bit.
+
+For backward, autograd saves inputs of many ops. Some of them can be rebuilt exactly, and
+cheaply, from tensors that autograd saves anyway: a GELU's output from its input (which the GELU
+keeps), a dropout's output from the activation it masked and a one-byte mask. While
+`rebuilt_in_backward` is open, autograd stores a recipe in place of such a tensor and runs it when
+backward asks for the tensor. Forward and backward run the same kernels on the same values as
+without it; only what sits in memory between the two passes changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _Recipe(NamedTuple):
+    rebuild: Callable[[], Tensor]
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+def rebuilt_in_backward(tensor: Tensor, rebuild: Callable[[], Tensor]) -> ContextManager[None]:
+    """Inside this context, autograd saves `rebuild` instead of `tensor` (or any view of it).
+
+    Args:
+        tensor: a contiguous tensor that owns its storage from the start.
+        rebuild: returns a bit-identical contiguous copy of `tensor`; it runs during backward,
+            once for each op that saved the tensor, so it must only read tensors that autograd
+            keeps anyway (or it keeps them alive and saves nothing).
+
+    Outside autograd, or for a tensor laid out otherwise, this is a no-op context.
+    """
+    if not (torch.is_grad_enabled() and tensor.is_contiguous() and tensor.storage_offset() == 0):
+        return contextlib.nullcontext()
+    storage = tensor.untyped_storage().data_ptr()
+
+    def pack(saved: Tensor) -> Tensor | _Recipe:
+        if saved.untyped_storage().data_ptr() != storage:
+            return saved
+        return _Recipe(rebuild, saved.size(), saved.stride(), saved.storage_offset())
+
+    def unpack(packed: Tensor | _Recipe) -> Tensor:
+        if isinstance(packed, _Recipe):
+            return packed.rebuild().as_strided(packed.size, packed.stride, packed.offset)
+        return packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, Callable[[], Tensor] | None]:
+    """`F.dropout(x, p, training)`, whose mask autograd keeps as bytes rather than floats on the CPU.
+
+    Returns the output and, when the byte mask is in use, a function that rebuilds the output
+    from `x` (for `rebuilt_in_backward`, where `x` is saved anyway); otherwise `None`.
+
+    On the CPU torch draws a float mask with `bernoulli_(1 - p)`, scales it by `1 / (1 - p)` and
+    multiplies, saving the scaled mask for backward. This draws and computes exactly that, and
+    has autograd save a bool copy instead, a quarter of the memory. Elsewhere torch's fused
+    dropout already keeps a bool mask, and this is `F.dropout`.
+    """
+    if not (training and 0.0 < p < 1.0 and x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad):
+        return F.dropout(x, p, training), None
+    noise = torch.empty_like(x).bernoulli_(1.0 - p)
+    keep, dtype = noise.bool(), noise.dtype
+
+    def scaled_mask() -> Tensor:
+        return keep.to(dtype).div_(1.0 - p)
+
+    noise.div_(1.0 - p)
+    with rebuilt_in_backward(noise, scaled_mask):
+        out = x * noise
+    return out, lambda: x * scaled_mask()

@@ -1,0 +1,148 @@
+"""Lean autograd: the same values and gradients to the bit, with fewer tensors kept for backward."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sam2.modeling import lean_autograd
+from sam2.modeling.lean_autograd import rebuilt_in_backward
+from sam2.modeling.sam2_utils import MLP
+
+EXACT = {"rtol": 0.0, "atol": 0.0}
+
+
+def _leaf(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+
+
+def _weights_like(out: torch.Tensor) -> torch.Tensor:
+    return torch.linspace(-1, 1, out.numel()).view_as(out)
+
+
+def test_rebuilt_tensor_is_not_kept_and_backward_is_unchanged():
+    x, weight = _leaf(6, 8), _leaf(5, 8, seed=1)
+
+    def run(lean: bool):
+        pre = x * 2.0
+        activated = F.gelu(pre)  # keeps `pre` for backward
+        calls = []
+
+        def rebuild():
+            calls.append(1)
+            return F.gelu(pre)
+
+        with rebuilt_in_backward(activated, rebuild) if lean else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            out = F.linear(activated, weight)
+        kept = weakref.ref(activated)
+        del activated
+        gc.collect()
+        alive = kept() is not None
+        x.grad = weight.grad = None
+        (out * _weights_like(out)).sum().backward()
+        return out.detach(), x.grad.clone(), weight.grad.clone(), alive, len(calls)
+
+    out_plain, gx_plain, gw_plain, alive_plain, _ = run(lean=False)
+    out_lean, gx_lean, gw_lean, alive_lean, rebuilds = run(lean=True)
+    assert alive_plain and not alive_lean  # the linear layer no longer holds the activation
+    assert rebuilds == 1
+    torch.testing.assert_close(out_lean, out_plain, **EXACT)
+    torch.testing.assert_close(gx_lean, gx_plain, **EXACT)
+    torch.testing.assert_close(gw_lean, gw_plain, **EXACT)
+
+
+def test_views_of_the_tensor_are_rebuilt_with_their_own_layout():
+    x = _leaf(4, 3, 5)
+
+    def grad(lean: bool) -> torch.Tensor:
+        x.grad = None
+        base = x.exp()
+        with rebuilt_in_backward(base, lambda: x.detach().exp()) if lean else contextlib.nullcontext():
+            # The product saves a transposed, offset view of `base` for the other factor's gradient.
+            out = base.transpose(1, 2)[:, 1:] * x.transpose(1, 2)[:, 1:]
+        (out * _weights_like(out)).sum().backward()
+        return x.grad.clone()
+
+    torch.testing.assert_close(grad(lean=True), grad(lean=False), **EXACT)
+
+
+def test_it_is_a_no_op_without_autograd_or_for_a_view():
+    x = _leaf(4, 4)
+    with torch.no_grad():
+        with rebuilt_in_backward(x * 2, lambda: pytest.fail("rebuilt without autograd")):
+            pass
+    view = (x * 2)[1:]
+    with rebuilt_in_backward(view, lambda: pytest.fail("a view that does not start its storage is not rebuilt")):
+        out = (view * x[1:]).sum()
+    out.backward()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_dropout_draws_and_differentiates_like_torch(p, layout):
+    x = _leaf(3, 64, 40)
+    source = x if layout == "contiguous" else x.transpose(1, 2)
+    torch.manual_seed(3)
+    expected = F.dropout(source, p, training=True)
+    (expected * _weights_like(expected)).sum().backward()
+    expected_grad, x.grad = x.grad.clone(), None
+
+    torch.manual_seed(3)
+    out, rebuild = lean_autograd.dropout(source, p, training=True)
+    (out * _weights_like(out)).sum().backward()
+    torch.testing.assert_close(out, expected, **EXACT)
+    torch.testing.assert_close(x.grad, expected_grad, **EXACT)
+    torch.testing.assert_close(rebuild(), out.detach(), **EXACT)
+    after_lean = torch.rand(8)
+    torch.manual_seed(3)
+    F.dropout(source, p, training=True)
+    torch.testing.assert_close(after_lean, torch.rand(8), **EXACT)  # the same number of draws
+
+
+def test_dropout_is_plain_torch_where_there_is_no_mask_to_keep():
+    x = _leaf(8, 8)
+    out, rebuild = lean_autograd.dropout(x, 0.1, training=False)
+    assert out is x and rebuild is None
+    assert lean_autograd.dropout(x, 0.0, training=True)[1] is None
+    assert lean_autograd.dropout(x.detach(), 0.1, training=True)[1] is None
+    with torch.no_grad():
+        assert lean_autograd.dropout(x, 0.1, training=True)[1] is None
+
+
+@pytest.mark.parametrize("activation", [torch.nn.GELU, torch.nn.ReLU])
+def test_mlp_values_and_gradients_are_the_plain_composition(activation):
+    torch.manual_seed(0)
+    mlp = MLP(8, 32, 4, num_layers=3, activation=activation)
+    x = _leaf(2, 5, 8)
+    out = mlp(x)
+    (out * _weights_like(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in mlp.named_parameters()}
+    input_grad, x.grad = x.grad.clone(), None
+    mlp.zero_grad(set_to_none=True)
+
+    act = activation()
+    plain = F.linear(act(F.linear(act(F.linear(x, *_wb(mlp, 0))), *_wb(mlp, 1))), *_wb(mlp, 2))
+    (plain * _weights_like(plain)).sum().backward()
+    torch.testing.assert_close(out, plain, **EXACT)
+    torch.testing.assert_close(input_grad, x.grad, **EXACT)
+    for name, param in mlp.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, msg=name, **EXACT)
+
+
+def _wb(mlp: MLP, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mlp.layers[index].weight, mlp.layers[index].bias
+
+
+def test_mlp_does_not_keep_a_gelu_output_for_backward():
+    mlp = MLP(8, 32, 4, num_layers=2, activation=torch.nn.GELU)
+    outputs = []
+    mlp.act.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    loss = mlp(_leaf(5, 8)).sum()
+    gc.collect()
+    assert outputs and outputs[0]() is None
+    loss.backward()
