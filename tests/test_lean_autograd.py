@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from sam2.modeling import lean_autograd
 from sam2.modeling.lean_autograd import rebuilt_in_backward
@@ -18,7 +18,9 @@ EXACT = {"rtol": 0.0, "atol": 0.0}
 
 
 def _leaf(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    return torch.randn(
+        *shape, generator=torch.Generator().manual_seed(seed)
+    ).requires_grad_()
 
 
 def _weights_like(out: torch.Tensor) -> torch.Tensor:
@@ -37,19 +39,25 @@ def test_rebuilt_tensor_is_not_kept_and_backward_is_unchanged():
             calls.append(1)
             return F.gelu(pre)
 
-        with rebuilt_in_backward(activated, rebuild) if lean else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with (
+            rebuilt_in_backward(activated, rebuild)
+            if lean
+            else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        ):
             out = F.linear(activated, weight)
-        kept = weakref.ref(activated)
+        kept = StorageWeakRef(activated.untyped_storage())
         del activated
         gc.collect()
-        alive = kept() is not None
+        alive = not kept.expired()
         x.grad = weight.grad = None
         (out * _weights_like(out)).sum().backward()
         return out.detach(), x.grad.clone(), weight.grad.clone(), alive, len(calls)
 
     out_plain, gx_plain, gw_plain, alive_plain, _ = run(lean=False)
     out_lean, gx_lean, gw_lean, alive_lean, rebuilds = run(lean=True)
-    assert alive_plain and not alive_lean  # the linear layer no longer holds the activation
+    assert (
+        alive_plain and not alive_lean
+    )  # the linear layer no longer holds the activation
     assert rebuilds == 1
     torch.testing.assert_close(out_lean, out_plain, **EXACT)
     torch.testing.assert_close(gx_lean, gx_plain, **EXACT)
@@ -62,7 +70,11 @@ def test_views_of_the_tensor_are_rebuilt_with_their_own_layout():
     def grad(lean: bool) -> torch.Tensor:
         x.grad = None
         base = x.exp()
-        with rebuilt_in_backward(base, lambda: x.detach().exp()) if lean else contextlib.nullcontext():
+        with (
+            rebuilt_in_backward(base, lambda: x.detach().exp())
+            if lean
+            else contextlib.nullcontext()
+        ):
             # The product saves a transposed, offset view of `base` for the other factor's gradient.
             out = base.transpose(1, 2)[:, 1:] * x.transpose(1, 2)[:, 1:]
         (out * _weights_like(out)).sum().backward()
@@ -74,10 +86,15 @@ def test_views_of_the_tensor_are_rebuilt_with_their_own_layout():
 def test_it_is_a_no_op_without_autograd_or_for_a_view():
     x = _leaf(4, 4)
     with torch.no_grad():
-        with rebuilt_in_backward(x * 2, lambda: pytest.fail("rebuilt without autograd")):
+        with rebuilt_in_backward(
+            x * 2, lambda: pytest.fail("rebuilt without autograd")
+        ):
             pass
     view = (x * 2)[1:]
-    with rebuilt_in_backward(view, lambda: pytest.fail("a view that does not start its storage is not rebuilt")):
+    with rebuilt_in_backward(
+        view,
+        lambda: pytest.fail("a view that does not start its storage is not rebuilt"),
+    ):
         out = (view * x[1:]).sum()
     out.backward()
 
@@ -101,7 +118,9 @@ def test_dropout_draws_and_differentiates_like_torch(p, layout):
     after_lean = torch.rand(8)
     torch.manual_seed(3)
     F.dropout(source, p, training=True)
-    torch.testing.assert_close(after_lean, torch.rand(8), **EXACT)  # the same number of draws
+    torch.testing.assert_close(
+        after_lean, torch.rand(8), **EXACT
+    )  # the same number of draws
 
 
 def test_dropout_is_plain_torch_where_there_is_no_mask_to_keep():
@@ -126,7 +145,9 @@ def test_mlp_values_and_gradients_are_the_plain_composition(activation):
     mlp.zero_grad(set_to_none=True)
 
     act = activation()
-    plain = F.linear(act(F.linear(act(F.linear(x, *_wb(mlp, 0))), *_wb(mlp, 1))), *_wb(mlp, 2))
+    plain = F.linear(
+        act(F.linear(act(F.linear(x, *_wb(mlp, 0))), *_wb(mlp, 1))), *_wb(mlp, 2)
+    )
     (plain * _weights_like(plain)).sum().backward()
     torch.testing.assert_close(out, plain, **EXACT)
     torch.testing.assert_close(input_grad, x.grad, **EXACT)
@@ -141,8 +162,77 @@ def _wb(mlp: MLP, index: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_mlp_does_not_keep_a_gelu_output_for_backward():
     mlp = MLP(8, 32, 4, num_layers=2, activation=torch.nn.GELU)
     outputs = []
-    mlp.act.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    mlp.act.register_forward_hook(
+        lambda module, args, out: outputs.append(StorageWeakRef(out.untyped_storage()))
+    )
     loss = mlp(_leaf(5, 8)).sum()
     gc.collect()
-    assert outputs and outputs[0]() is None
+    assert outputs and outputs[0].expired()
     loss.backward()
+
+
+def test_contexts_nest_and_each_rebuilds_its_own_tensor():
+    x = _leaf(6, 8)
+    kept = {}
+
+    def run(lean: bool):
+        x.grad = None
+        pre = x * 2.0
+        first = F.gelu(pre)  # the GELU keeps `pre`, from which both rebuilds start
+        outer = rebuilt_in_backward(first, lambda: F.gelu(pre)) if lean else contextlib.nullcontext()
+        with outer:
+            second = F.gelu(first)  # would keep `first`
+            inner = rebuilt_in_backward(second, lambda: F.gelu(F.gelu(pre))) if lean else contextlib.nullcontext()
+            with inner:
+                out = second * x  # would keep `second`, and keeps `x` through both contexts
+        refs = [StorageWeakRef(t.untyped_storage()) for t in (first, second)]
+        del first, second
+        gc.collect()
+        kept[lean] = [not ref.expired() for ref in refs]
+        (out * _weights_like(out)).sum().backward()
+        return out.detach(), x.grad.clone()
+
+    plain, lean = run(lean=False), run(lean=True)
+    assert kept == {False: [True, True], True: [False, False]}
+    torch.testing.assert_close(lean[0], plain[0], **EXACT)
+    torch.testing.assert_close(lean[1], plain[1], **EXACT)
+
+
+def test_other_saved_tensor_hooks_keep_control():
+    """Under activation checkpointing's (or any other) hooks, nothing is swapped for a recipe."""
+    x = _leaf(4, 4)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: seen.append(t) or t, lambda t: t
+    ):
+        activated = x.exp()
+        with rebuilt_in_backward(
+            activated, lambda: pytest.fail("rebuilt under foreign hooks")
+        ):
+            out = (activated * x).sum()
+    assert any(t is activated for t in seen)
+    out.backward()
+
+
+@pytest.mark.parametrize("size", [64, 96])  # 96 px pads windows and crops pooled ones
+def test_hiera_rebuilds_change_no_output_or_gradient(monkeypatch, size):
+    from sam2.modeling.backbones import hieradet
+    from tests.test_hiera import TINY
+
+    torch.manual_seed(0)
+    trunk = hieradet.Hiera(**TINY, drop_path_rate=0.2).train()
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        trunk.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # drop-path draws
+        features = trunk(images)
+        sum((f * _weights_like(f)).sum() for f in features).backward()
+        return [f.detach() for f in features], {n: p.grad.clone() for n, p in trunk.named_parameters()}
+
+    lean_features, lean_grads = run()
+    monkeypatch.setattr(hieradet, "rebuilt_in_backward", lambda tensor, rebuild: contextlib.nullcontext())
+    plain_features, plain_grads = run()
+    torch.testing.assert_close(lean_features, plain_features, **EXACT)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, msg=name, **EXACT)

@@ -34,23 +34,31 @@ def rebuilt_in_backward(tensor: Tensor, rebuild: Callable[[], Tensor]) -> Contex
             once for each op that saved the tensor, so it must only read tensors that autograd
             keeps anyway (or it keeps them alive and saves nothing).
 
-    Outside autograd, or for a tensor laid out otherwise, this is a no-op context.
+    Contexts nest: each rebuilds its own tensor and hands the rest to the enclosing one. Outside
+    autograd, for a tensor laid out otherwise, or under other saved-tensor hooks (activation
+    checkpointing, offloading: they decide what is kept), this is a no-op context.
     """
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if outer is not None and not getattr(outer[0], "_rebuilds", False):
+        return contextlib.nullcontext()
     if not (torch.is_grad_enabled() and tensor.is_contiguous() and tensor.storage_offset() == 0):
         return contextlib.nullcontext()
+    outer_pack = outer[0] if outer is not None else None
     storage = tensor.untyped_storage().data_ptr()
 
     def pack(saved: Tensor) -> Tensor | _Recipe:
-        if saved.untyped_storage().data_ptr() != storage:
-            return saved
-        return _Recipe(rebuild, saved.size(), saved.stride(), saved.storage_offset())
+        if saved.untyped_storage().data_ptr() == storage:
+            return _Recipe(rebuild, saved.size(), saved.stride(), saved.storage_offset())
+        return outer_pack(saved) if outer_pack is not None else saved
 
-    def unpack(packed: Tensor | _Recipe) -> Tensor:
-        if isinstance(packed, _Recipe):
-            return packed.rebuild().as_strided(packed.size, packed.stride, packed.offset)
-        return packed
+    pack._rebuilds = True  # type: ignore[attr-defined]
+    return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+def _unpack(packed: Tensor | _Recipe) -> Tensor:
+    if isinstance(packed, _Recipe):
+        return packed.rebuild().as_strided(packed.size, packed.stride, packed.offset)
+    return packed
 
 
 def dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, Callable[[], Tensor] | None]:

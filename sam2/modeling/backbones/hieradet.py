@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from sam2.modeling.backbones.utils import PatchEmbed, window_partition, window_unpartition
+from sam2.modeling.lean_autograd import rebuilt_in_backward
 from sam2.modeling.sam2_utils import MLP, DropPath
 
 
@@ -44,7 +45,7 @@ class MultiScaleAttention(nn.Module):
         self.q_pool = q_pool
         self.dim, self.dim_out, self.num_heads = dim, dim_out, num_heads
 
-    def forward(self, x: Tensor, window_size: int = 0) -> Tensor:
+    def forward(self, x: Tensor, window_size: int = 0, rebuild_input: Callable[[], Tensor] | None = None) -> Tensor:
         """`[B, H, W, dim]` -> `[B, H', W', dim_out]`, with `(H', W')` the pooled grid.
 
         With `window_size`, tokens attend only inside square windows of that side, the map
@@ -54,25 +55,46 @@ class MultiScaleAttention(nn.Module):
         the padding is not projected: two thirds of the tokens at 256 px, where a 16-token grid
         meets 14-token windows. Outputs at padded positions are cropped before the output
         projection.
-        """
-        batch, height, width, _ = x.shape
-        if not window_size:
-            return self.proj(self._attend(self.qkv(x)))
-        padded_h, padded_w = (-(-side // window_size) * window_size for side in (height, width))
-        if (padded_h, padded_w) == (height, width):
-            # Cut the input rather than the projection: dim channels to move instead of 3 * dim_out.
-            windows = self.qkv(window_partition(x, window_size)[0])
-        else:
-            windows = window_partition(self.qkv(x), window_size, pad_value=self.qkv.bias)[0]
-        out = self._attend(windows)
-        pooled_window = out.shape[1]  # pooling shrank every window alike
-        stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
-        pooled_hw = (padded_h // window_size * pooled_window, padded_w // window_size * pooled_window)
-        out = window_unpartition(out, pooled_window, pooled_hw, (height // stride_h, width // stride_w))
-        return self.proj(out)
 
-    def _attend(self, qkv: Tensor) -> Tensor:
-        """Projected tokens `[B, H, W, 3 * dim_out]` -> attention outputs `[B, H', W', dim_out]`."""
+        `rebuild_input` (returning `x` bit for bit from tensors that autograd keeps anyway, such
+        as a norm of the block input) lets backward rebuild the projections' inputs rather than
+        keep them; see `sam2.modeling.lean_autograd`.
+        """
+        _, height, width, _ = x.shape
+        rebuild_input = rebuild_input or (lambda: x)
+        padded_h, padded_w = height, width
+        if window_size:
+            padded_h, padded_w = (-(-side // window_size) * window_size for side in (height, width))
+        if window_size and (padded_h, padded_w) == (height, width):
+            # Cut the input rather than the projection: dim channels to move instead of 3 * dim_out.
+            windows = window_partition(x, window_size)[0]
+            with rebuilt_in_backward(windows, lambda: window_partition(rebuild_input(), window_size)[0]):
+                qkv = self.qkv(windows)
+        else:
+            with rebuilt_in_backward(x, rebuild_input):
+                qkv = self.qkv(x)
+            if window_size:
+                qkv = window_partition(qkv, window_size, pad_value=self.qkv.bias)[0]
+        attended, grid = self._attend(qkv)
+
+        def tokens() -> Tensor:
+            """The attention outputs as a contiguous `[B, H', W', dim_out]` map, padding dropped."""
+            out = attended.transpose(1, 2).reshape(*grid, -1)
+            if window_size:
+                pooled_window = grid[1]  # pooling shrank every window alike
+                stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
+                pooled_hw = (padded_h // window_size * pooled_window, padded_w // window_size * pooled_window)
+                out = window_unpartition(out, pooled_window, pooled_hw, (height // stride_h, width // stride_w))
+            return out.contiguous()
+
+        out = tokens()
+        # The attention keeps its output for backward; the projection's input is rebuilt from it.
+        with rebuilt_in_backward(out, tokens):
+            return self.proj(out)
+
+    def _attend(self, qkv: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        """Projected tokens `[B, H, W, 3 * dim_out]` -> attention outputs `[B, heads, H' * W', head_dim]`
+        and their grid `(B, H', W')`."""
         batch, height, width, _ = qkv.shape
         # The last axis of qkv is laid out as (q|k|v, head, head_dim).
         q, k, v = qkv.reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -81,8 +103,7 @@ class MultiScaleAttention(nn.Module):
             q_grid = _pool_channels_last(q_grid, self.q_pool)
             height, width = q_grid.shape[1:3]
             q = q_grid.reshape(batch, height * width, self.num_heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # each of q, k, v: [B, heads, tokens, head_dim]
-        return out.transpose(1, 2).reshape(batch, height, width, -1)
+        return F.scaled_dot_product_attention(q, k, v), (batch, height, width)
 
 
 class MultiScaleBlock(nn.Module):
@@ -130,14 +151,19 @@ class MultiScaleBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """`[B, H, W, dim]` -> `[B, H', W', dim_out]`."""
+        # The norms keep their inputs for backward, so their outputs are rebuilt from those
+        # rather than kept as the next layers' inputs (sam2.modeling.lean_autograd).
         shortcut = x
-        x = self.norm1(x)
+        normed, rebuild_normed = self.norm1(x), partial(self.norm1, x)
         if self.dim != self.dim_out:
-            shortcut = self.proj(x)
+            with rebuilt_in_backward(normed, rebuild_normed):
+                shortcut = self.proj(normed)
         if self.pool is not None:
             shortcut = _pool_channels_last(shortcut, self.pool)
-        x = shortcut + self.drop_path(self.attn(x, self.window_size))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = shortcut + self.drop_path(self.attn(normed, self.window_size, rebuild_input=rebuild_normed))
+        normed = self.norm2(x)
+        with rebuilt_in_backward(normed, partial(self.norm2, x)):
+            return x + self.drop_path(self.mlp(normed))
 
 
 class Hiera(nn.Module):
