@@ -214,8 +214,9 @@ def test_other_saved_tensor_hooks_keep_control():
     out.backward()
 
 
+@pytest.mark.parametrize("autocast", [False, True])  # backward runs without autocast: rebuilds must not care
 @pytest.mark.parametrize("size", [64, 96])  # 96 px pads windows and crops pooled ones
-def test_hiera_rebuilds_change_no_output_or_gradient(monkeypatch, size):
+def test_hiera_rebuilds_change_no_output_or_gradient(monkeypatch, size, autocast):
     from sam2.modeling.backbones import hieradet
     from tests.test_hiera import TINY
 
@@ -226,8 +227,9 @@ def test_hiera_rebuilds_change_no_output_or_gradient(monkeypatch, size):
     def run():
         trunk.zero_grad(set_to_none=True)
         torch.manual_seed(5)  # drop-path draws
-        features = trunk(images)
-        sum((f * _weights_like(f)).sum() for f in features).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            features = trunk(images)
+        sum((f.float() * _weights_like(f)).sum() for f in features).backward()
         return [f.detach() for f in features], {n: p.grad.clone() for n, p in trunk.named_parameters()}
 
     lean_features, lean_grads = run()
