@@ -190,7 +190,7 @@ class SAM2Train(SAM2Base):
                 output_dict=output_dict,
                 num_frames=backbone_out["num_frames"],
                 # No frame reads the last frame's memory and the loss does not see it: skip it
-                # (its encoder costs ~7% of a one-frame step), unless the caller wants the bank.
+                # (8% of a one-frame step's forward FLOPs), unless the caller wants the bank.
                 run_mem_encoder=return_dict or t != order[-1],
             )
             becomes_cond = t in init_cond_frames or (
