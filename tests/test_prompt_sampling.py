@@ -203,6 +203,22 @@ def test_correction_clicks_land_in_errors_with_the_right_labels(method):
         assert set(labels.unique().tolist()) <= {0, 1}
 
 
+def test_uniform_clicks_are_uniform_over_the_error_pixels():
+    gt = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    gt[0, 0, 2:5, 3:7] = True  # 12 false-negative pixels (no prediction)
+    gt[1, 0, 7, 7] = True  # a single one, in the last pixel
+    draws = 12 * 2000
+    points, labels = sample_random_points_from_errors(gt, None, num_pt=draws, generator=torch.Generator().manual_seed(0))
+    assert (labels == 1).all()
+    flat = points[..., 1].long() * 8 + points[..., 0].long()
+    assert (flat[1] == 63).all()
+    counts = torch.bincount(flat[0], minlength=64)
+    assert torch.equal(counts > 0, gt[0, 0].flatten())
+    expected = draws / 12
+    chi_square = float(((counts[counts > 0] - expected) ** 2 / expected).sum())
+    assert chi_square < 31.3, chi_square  # the 0.001 tail of chi-square with 11 degrees of freedom
+
+
 def test_clicks_from_ground_truth_are_positive_and_inside():
     gt = _blobs(32, seed=13)
     points, labels = sample_random_points_from_errors(gt, None, num_pt=4)

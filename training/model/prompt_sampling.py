@@ -82,6 +82,20 @@ def _pixel_to_point(flat_index: Tensor, width: int) -> Tensor:
     return torch.stack([flat_index % width, flat_index // width], dim=-1).float()
 
 
+def _uniform_picks(candidates: Tensor, num_pt: int, generator: torch.Generator | None) -> Tensor:
+    """`num_pt` indices per row of the bool `candidates [B, N]`, uniform over its True entries.
+
+    Inverse-CDF sampling on the running count of candidates: one uniform draw per click, where
+    `torch.multinomial` draws an exponential for every pixel (4 % of a CPU training step).
+    Every row must have a candidate.
+    """
+    running = candidates.cumsum(dim=1)
+    total = running[:, -1:]
+    unit = torch.rand(candidates.shape[0], num_pt, dtype=torch.float64, device=candidates.device, generator=generator)
+    rank = torch.minimum((unit * total).long(), total - 1)  # 0-based, among the candidates
+    return torch.searchsorted(running, rank + 1)  # the first index where the count reaches rank + 1
+
+
 def sample_random_points_from_errors(
     gt_masks: Tensor, pred_masks: Tensor | None, num_pt: int = 1, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -104,7 +118,7 @@ def sample_random_points_from_errors(
     fallback_pos = gt & no_error[:, None, None] & ~(~gt).flatten(1).any(dim=1)[:, None, None]
     # Candidates: the negative-click pixels first, then the positive-click pixels.
     candidates = torch.cat([(false_pos | fallback_neg).flatten(1), (false_neg | fallback_pos).flatten(1)], dim=1)
-    picks = torch.multinomial(candidates.float(), num_pt, replacement=True, generator=generator)
+    picks = _uniform_picks(candidates, num_pt, generator)
     labels = (picks >= height * width).to(torch.int32)
     return _pixel_to_point(picks % (height * width), width), labels
 
