@@ -21,7 +21,9 @@ TINY = dict(
     global_att_blocks=[2, 5],
     window_pos_embed_bkg_spatial_size=[3, 5],
 )
-IMAGE_SIZES = {"square_64": (64, 64), "square_96": (96, 96), "wide_64x96": (64, 96)}
+# 96 px pads windows (see TINY); 112 px cuts stage-3 windows to three rows, of which the next
+# block's query pooling keeps two.
+IMAGE_SIZES = {"square_64": (64, 64), "square_96": (96, 96), "wide_64x96": (64, 96), "odd_112x96": (112, 96)}
 
 FULL_SIZES = {
     "tiny": dict(embed_dim=96, num_heads=1, stages=[1, 2, 7, 2], global_att_blocks=[5, 7, 9],
@@ -48,7 +50,7 @@ def _images() -> dict[str, torch.Tensor]:
 
 def _grad_weights() -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    return [torch.randn(2, 16 * 2**s, 24 // 2**s, 24 // 2**s, generator=gen) for s in range(4)]
+    return [torch.randn(2, 16 * 2**s, 28 // 2**s, 28 // 2**s, generator=gen) for s in range(4)]
 
 
 def _weighted_sum(features: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
@@ -80,7 +82,7 @@ def ref_out(reference):
             outputs["last_only"] = (last_only(images["square_96"]), last_only.channel_list)
 
         outputs["grads"] = {}
-        for name in ("square_64", "square_96"):
+        for name in ("square_64", "square_96", "odd_112x96"):
             img = images[name].clone().requires_grad_(True)
             loss = sum((f * w[..., :f.shape[-2], :f.shape[-1]]).sum() for f, w in zip(net(img), inputs["grad_weights"]))
             loss.backward()
@@ -124,7 +126,7 @@ def test_features_match_reference(tiny, ref_out, size):
     with torch.no_grad():
         features = tiny(_images()[size])
     h, w = IMAGE_SIZES[size]
-    assert [tuple(f.shape[2:]) for f in features] == [(-(-h // 4 // 2**s), -(-w // 4 // 2**s)) for s in range(4)]
+    assert [tuple(f.shape[2:]) for f in features] == [(h // 4 // 2**s, w // 4 // 2**s) for s in range(4)]
     assert [f.shape[1] for f in features] == tiny.channel_list[::-1] == ref_out["channel_list"][::-1]
     assert_close_scaled(features, ref_out["features"][size])
 
@@ -141,7 +143,7 @@ def test_last_layer_only_matches_reference(tiny, ref_out):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("size", ["square_64", "square_96"])  # 96 px pads windows (see TINY)
+@pytest.mark.parametrize("size", ["square_64", "square_96", "odd_112x96"])
 def test_gradients_match_reference(tiny, ref_out, size):
     img = _images()[size].requires_grad_(True)
     _weighted_sum(tiny(img), _grad_weights()).backward()

@@ -49,12 +49,10 @@ class MultiScaleAttention(nn.Module):
         """`[B, H, W, dim]` -> `[B, H', W', dim_out]`, with `(H', W')` the pooled grid.
 
         With `window_size`, tokens attend only inside square windows of that side, the map
-        padded at the bottom and right to whole windows. A padding token is a zero input, whose
-        projection is the qkv bias; so where there is padding, the projection runs on the real
-        tokens only and its output is padded with the bias. Keys and values are the same, and
-        the padding is not projected: two thirds of the tokens at 256 px, where a 16-token grid
-        meets 14-token windows. Outputs at padded positions are cropped before the output
-        projection.
+        padded at the bottom and right to whole windows. Padding is never a query (its outputs
+        would be cropped) and is never projected: a padding token is a zero input, whose key and
+        value are those of the qkv bias. At 256 px, where a 16-token grid meets 14-token windows,
+        that is two thirds of the tokens.
 
         `rebuild_input` (returning `x` bit for bit from tensors that autograd keeps anyway, such
         as a norm of the block input) lets backward rebuild the projections' inputs rather than
@@ -62,48 +60,107 @@ class MultiScaleAttention(nn.Module):
         """
         _, height, width, _ = x.shape
         rebuild_input = rebuild_input or (lambda: x)
-        padded_h, padded_w = height, width
-        if window_size:
-            padded_h, padded_w = (-(-side // window_size) * window_size for side in (height, width))
-        if window_size and (padded_h, padded_w) == (height, width):
-            # Cut the input rather than the projection: dim channels to move instead of 3 * dim_out.
-            windows = window_partition(x, window_size)[0]
-            with rebuilt_in_backward(windows, lambda: window_partition(rebuild_input(), window_size)[0]):
-                qkv = self.qkv(windows)
-        else:
+        if window_size and (height % window_size or width % window_size):
             with rebuilt_in_backward(x, rebuild_input):
                 qkv = self.qkv(x)
+            tokens = self._attend_in_padded_windows(qkv, window_size)
+        else:
             if window_size:
-                qkv = window_partition(qkv, window_size, pad_value=self.qkv.bias)[0]
-        attended, grid = self._attend(qkv)
-
-        def tokens() -> Tensor:
-            """The attention outputs as a contiguous `[B, H', W', dim_out]` map, padding dropped."""
-            out = attended.transpose(1, 2).reshape(*grid, -1)
-            if window_size:
-                pooled_window = grid[1]  # pooling shrank every window alike
-                stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
-                pooled_hw = (padded_h // window_size * pooled_window, padded_w // window_size * pooled_window)
-                out = window_unpartition(out, pooled_window, pooled_hw, (height // stride_h, width // stride_w))
-            return out.contiguous()
-
+                # Cut the input rather than the projection: dim channels to move instead of 3 * dim_out.
+                windows = window_partition(x, window_size)[0]
+                with rebuilt_in_backward(windows, lambda: window_partition(rebuild_input(), window_size)[0]):
+                    qkv = self.qkv(windows)
+            else:
+                with rebuilt_in_backward(x, rebuild_input):
+                    qkv = self.qkv(x)
+            tokens = self._attend_whole(qkv, window_size, (height, width))
         out = tokens()
-        # The attention keeps its output for backward; the projection's input is rebuilt from it.
+        # The attention keeps its outputs for backward; the projection's input is rebuilt from them.
         with rebuilt_in_backward(out, tokens):
             return self.proj(out)
 
-    def _attend(self, qkv: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-        """Projected tokens `[B, H, W, 3 * dim_out]` -> attention outputs `[B, heads, H' * W', head_dim]`
-        and their grid `(B, H', W')`."""
-        batch, height, width, _ = qkv.shape
-        # The last axis of qkv is laid out as (q|k|v, head, head_dim).
-        q, k, v = qkv.reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    def _split_heads(self, q: Tensor) -> Tensor:
+        """`[N, h, w, dim_out]` queries, pooled if this block pools, -> `[N, heads, h' * w', head_dim]`."""
         if self.q_pool is not None:
-            q_grid = q.transpose(1, 2).reshape(batch, height, width, -1)
-            q_grid = _pool_channels_last(q_grid, self.q_pool)
-            height, width = q_grid.shape[1:3]
-            q = q_grid.reshape(batch, height * width, self.num_heads, -1).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v), (batch, height, width)
+            q = _pool_channels_last(q, self.q_pool)
+        return q.reshape(q.shape[0], -1, self.num_heads, self.dim_out // self.num_heads).transpose(1, 2)
+
+    def _merge_heads(self, attended: Tensor, grid: tuple[int, ...]) -> Tensor:
+        """`[N, heads, h * w, head_dim]` -> `[*grid, dim_out]`."""
+        return attended.transpose(1, 2).reshape(*grid, self.dim_out)
+
+    def _attend_whole(self, qkv: Tensor, window_size: int, hw: tuple[int, int]) -> Callable[[], Tensor]:
+        """Attention over whole windows (or the whole map): `qkv [N, h, w, 3 * dim_out]`, either the
+        map or its windows. Returns a function building the contiguous `[B, H', W', dim_out]` output
+        from the attention's output."""
+        windows, height, width, _ = qkv.shape
+        q, k, v = qkv.split(self.dim_out, dim=-1)
+        k, v = (t.reshape(windows, height * width, self.num_heads, -1).transpose(1, 2) for t in (k, v))
+        attended = F.scaled_dot_product_attention(self._split_heads(q), k, v)
+        stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
+        pooled_h, pooled_w = height // stride_h, width // stride_w
+
+        def tokens() -> Tensor:
+            out = self._merge_heads(attended, (windows, pooled_h, pooled_w))
+            if window_size:
+                out_hw = (hw[0] // stride_h, hw[1] // stride_w)
+                out = window_unpartition(out, pooled_h, out_hw, out_hw)
+            return out.contiguous()
+
+        return tokens
+
+    def _attend_in_padded_windows(self, qkv: Tensor, window_size: int) -> Callable[[], Tensor]:
+        """Windowed attention on `qkv [B, H, W, 3 * dim_out]` of the real tokens, with queries at real
+        tokens only. Windows that the padding cuts alike (the whole ones, the last column, the last
+        row, the corner) attend as one batch each. Returns a function building the contiguous
+        `[B, H', W', dim_out]` output from the attention's outputs."""
+        batch, height, width, _ = qkv.shape
+        kv = window_partition(qkv[..., self.dim_out :], window_size, pad_value=self.qkv.bias[self.dim_out :])[0]
+        stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
+        row_runs = _window_runs(height, window_size, stride_h)
+        col_runs = _window_runs(width, window_size, stride_w)
+        rows, cols = (-(-side // window_size) for side in (height, width))
+        kv = kv.reshape(batch, rows, cols, window_size**2, 2, self.num_heads, -1)
+        # Split rather than slice per run: a split's backward is one concatenation.
+        q_bands = _split_runs(qkv[..., : self.dim_out], row_runs, dim=1)
+        kv_bands = _split_runs(kv, row_runs, dim=1, in_windows=True)
+        attended = []
+        for (num_rows, run_h), q_band, kv_band in zip(row_runs, q_bands, kv_bands):
+            q_cells = _split_runs(q_band, col_runs, dim=2)
+            kv_cells = _split_runs(kv_band, col_runs, dim=2, in_windows=True)
+            for (num_cols, run_w), q, kv_cell in zip(col_runs, q_cells, kv_cells):
+                q = q.reshape(batch, num_rows, run_h, num_cols, run_w, -1).transpose(2, 3)
+                q = self._split_heads(q.reshape(-1, run_h, run_w, self.dim_out))
+                k, v = kv_cell.flatten(0, 2).unbind(2)
+                attended.append(F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2)))
+
+        def tokens() -> Tensor:
+            pieces = iter(attended)
+            bands = []
+            for num_rows, run_h in row_runs:
+                band = []
+                for num_cols, run_w in col_runs:
+                    out_h, out_w = run_h // stride_h, run_w // stride_w
+                    out = self._merge_heads(next(pieces), (batch, num_rows, num_cols, out_h, out_w))
+                    band.append(out.transpose(2, 3).reshape(batch, num_rows * out_h, num_cols * out_w, -1))
+                bands.append(torch.cat(band, dim=2))
+            return torch.cat(bands, dim=1)
+
+        return tokens
+
+
+def _window_runs(size: int, window_size: int, stride: int) -> list[tuple[int, int]]:
+    """The windows along one side of a map, as runs `(count, real extent)`: the whole windows, then
+    the window that padding cuts. Extents are trimmed to whole pooling strides (the rest is cropped
+    from the pooled output), and runs left empty are dropped."""
+    whole, cut = divmod(size, window_size)
+    return [(count, extent) for count, extent in ((whole, window_size), (1, cut // stride * stride)) if count and extent]
+
+
+def _split_runs(x: Tensor, runs: list[tuple[int, int]], dim: int, in_windows: bool = False) -> tuple[Tensor, ...]:
+    """Split `x` along `dim` into one part per run (in tokens, or `in_windows`), dropping the rest."""
+    sizes = [count if in_windows else count * extent for count, extent in runs]
+    return x.split([*sizes, x.shape[dim] - sum(sizes)], dim=dim)[: len(runs)]
 
 
 class MultiScaleBlock(nn.Module):
@@ -267,7 +324,7 @@ class Hiera(nn.Module):
     def _get_pos_embed(self, hw: tuple[int, int]) -> Tensor:
         """Position embedding `[1, H, W, C]`: the resized background plus the tiled window embedding."""
         height, width = hw
-        background = F.interpolate(self.pos_embed, size=(height, width), mode="bicubic")
+        background = _BicubicResize.apply(self.pos_embed, (height, width))
         window = self.pos_embed_window
         # Windows are cut from the top-left corner, so the tiling starts there and is cropped at
         # the padded bottom/right edge.
@@ -305,6 +362,34 @@ class Hiera(nn.Module):
             return 0
         block = re.search(r"blocks\.(\d+)", layer_name)
         return int(block.group(1)) + 1 if block else top
+
+
+class _BicubicResize(torch.autograd.Function):
+    """`F.interpolate(x, size, mode="bicubic")` with the backward as two small matmuls.
+
+    Bicubic resizing is linear and separable, `resize_h @ x @ resize_w^T`, so its gradient is
+    `resize_h^T @ grad @ resize_w`: microseconds, where the CPU kernel's scatter takes 11 ms at
+    256 px (and 16 times that at 1024 px). The forward stays torch's kernel, bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: tuple[int, int]) -> Tensor:
+        ctx.in_size = x.shape[-2:]
+        return F.interpolate(x, size=size, mode="bicubic")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        resize_h, resize_w = (
+            _bicubic_resize_matrix(size_in, size_out, grad) for size_in, size_out in zip(ctx.in_size, grad.shape[-2:])
+        )
+        return resize_h.T @ grad @ resize_w, None
+
+
+def _bicubic_resize_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """`[size_out, size_in]` weights of `F.interpolate(mode="bicubic")` along one axis, taken from
+    the interpolation of a basis (the other axis keeps size 1, whose weights are exactly 0, 1, 0, 0)."""
+    basis = torch.eye(size_in, dtype=like.dtype, device=like.device)[:, None, :, None]
+    return F.interpolate(basis, size=(size_out, 1), mode="bicubic")[:, 0, :, 0].T
 
 
 def _check_config(
