@@ -53,7 +53,7 @@ def test_preempted_job_requeues_and_resumes_exactly(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        straight = run_in_process(trainer_config(str(tmp_path / "straight")), monkeypatch).model.module.state_dict()
+        straight = run_in_process(trainer_config(str(tmp_path / "straight")), monkeypatch).model.state_dict()
     finally:
         torch.set_num_threads(threads)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -83,7 +83,7 @@ def test_training_writes_a_complete_checkpoint_and_logs(tmp_path, monkeypatch):
     assert {"model", "optimizer", "loss", "epoch", "steps", "time_elapsed", "rng"} <= set(checkpoint)
     assert checkpoint["epoch"] == 3 and checkpoint["steps"]["train"] == 12 and checkpoint["batch_in_epoch"] == 0
     assert checkpoint["time_elapsed"] > 0
-    assert set(checkpoint["model"]) == set(trainer.model.module.state_dict())
+    assert set(checkpoint["model"]) == set(trainer.model.state_dict())
     assert not any(name.startswith("module.") for name in checkpoint["model"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -121,7 +121,7 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path, monkeypatch):
         config["optim"]["gradient_accumulation_steps"] = accumulation
         # SGD: Adam would turn float-rounding-sized gradients into full-size steps of either sign.
         config["optim"]["optimizer"] = {"_target_": "torch.optim.SGD", "lr": 0.1}
-        return run_in_process(config, monkeypatch).model.module.state_dict()
+        return run_in_process(config, monkeypatch).model.state_dict()
 
     big, accumulated = run("big", 2, 1), run("acc", 1, 2)
     for name in big:

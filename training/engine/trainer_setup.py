@@ -142,19 +142,23 @@ class TrainerSetupMixin:
             self.model = initializer(model=self.model)
 
     def _wrap_ddp(self, dist_conf: DistributedConf) -> None:
-        self.model = nn.parallel.DistributedDataParallel(
-            self.model,
-            device_ids=[self.local_rank] if self.device.type == "cuda" else None,
-            find_unused_parameters=dist_conf.find_unused_parameters,
-            # Gradients live in DDP's all-reduce buckets instead of beside them: one copy, not two.
-            gradient_as_bucket_view=True,
-        )
-        if dist_conf.comms_dtype is not None:
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        # One process has nothing to all-reduce, so it trains the plain model: its gradients exist
+        # only from backward to the next zero_grad, not all step long in DDP's buckets (the
+        # model's size again, held through the forward, where memory peaks).
+        if get_world_size() > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=dist_conf.find_unused_parameters,
+                # Gradients live in DDP's all-reduce buckets instead of beside them: one copy, not two.
+                gradient_as_bucket_view=True,
+            )
+            if dist_conf.comms_dtype is not None:
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-            compress = get_amp_type(dist_conf.comms_dtype)
-            hook = default_hooks.bf16_compress_hook if compress == torch.bfloat16 else default_hooks.fp16_compress_hook
-            self.model.register_comm_hook(None, hook)
+                compress = get_amp_type(dist_conf.comms_dtype)
+                hook = default_hooks.bf16_compress_hook if compress == torch.bfloat16 else default_hooks.fp16_compress_hook
+                self.model.register_comm_hook(None, hook)
         self.progress = self._make_progress()
 
     def _log_banner(self) -> None:
