@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.reference import assert_close
+from training import loss_fns
 from training.loss_fns import CORE_LOSS_KEY, MultiStepMultiMasksAndIous
 
 NUM_FRAMES, NUM_OBJECTS, SIZE = 3, 3, 16
@@ -160,3 +161,35 @@ def test_normalised_by_objects_averaged_over_ranks():
         # Alone, a rank divides by its own count (1 is the floor); together, by the average 1.5.
         expected = {k: v * max(num_objects, 1) / 1.5 for k, v in single.items()}
         assert_close(results[rank], expected)
+
+
+def _kept_full_size(loss_fn, outputs, targets) -> int:
+    """How many `[..., H, W]` tensors autograd keeps for backward, the inputs themselves aside."""
+    inputs = {t.untyped_storage().data_ptr() for t in [*_leaves(outputs), targets]}
+    kept: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[-2:] == (SIZE, SIZE) and t.untyped_storage().data_ptr() not in inputs:
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    for t in _leaves(outputs):
+        t.requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(outputs, targets)
+    return len(kept)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_mask_losses_are_recomputed_in_backward_with_the_same_gradients(name, monkeypatch):
+    """Backward recomputes focal and dice rather than keeping their full-size intermediates; the
+    plain graph gives the same losses and gradients, bit for bit."""
+    outputs, targets = _make_batch()
+    loss_fn = MultiStepMultiMasksAndIous(**CONFIGS[name])
+    recomputed, kept_recomputed = _losses_and_grads(loss_fn, outputs, targets), _kept_full_size(loss_fn, outputs, targets)
+    monkeypatch.setattr(loss_fns, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+    plain, kept_plain = _losses_and_grads(loss_fn, outputs, targets), _kept_full_size(loss_fn, outputs, targets)
+    assert all(torch.equal(recomputed[0][k], plain[0][k]) for k in plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(recomputed[1], plain[1]))
+    # Recomputing keeps only each frame's float targets; the plain graph keeps several tensors per step.
+    assert kept_recomputed <= NUM_FRAMES and kept_plain >= 5 * sum(map(len, STEPS_PER_FRAME)), (kept_plain, kept_recomputed)

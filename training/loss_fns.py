@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 # The key of the weighted sum that the trainer back-propagates; the other keys are for logging.
 CORE_LOSS_KEY = "core_loss"
@@ -210,10 +211,15 @@ class MultiStepMultiMasksAndIous(nn.Module):
     ) -> dict[str, Tensor]:
         """Losses of one step: `masks` `[N, M, H, W]`, `target_masks` `[N, 1, H, W]`, `ious` `[N, M]`."""
         target_masks = target_masks.expand_as(masks)
-        focal = sigmoid_focal_loss(
-            masks, target_masks, num_objects, alpha=self.focal_alpha, gamma=self.focal_gamma, loss_on_multimask=True
-        )
-        dice = dice_loss(masks, target_masks, num_objects, loss_on_multimask=True)
+        if torch.is_grad_enabled() and masks.requires_grad:
+            # Backward recomputes the focal and dice terms from the logits and targets (which it
+            # keeps anyway) instead of keeping their half-dozen full-resolution intermediates per
+            # step: the same kernels on the same values, so the same gradients, bit for bit.
+            focal, dice = checkpoint(
+                self._mask_losses, masks, target_masks, num_objects, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            focal, dice = self._mask_losses(masks, target_masks, num_objects)
         iou = iou_loss(masks, target_masks, ious, num_objects, loss_on_multimask=True, use_l1_loss=self.iou_use_l1_loss)
 
         if self.pred_obj_scores:
@@ -244,6 +250,13 @@ class MultiStepMultiMasksAndIous(nn.Module):
             "loss_iou": (iou * object_present).sum(),
             "loss_class": loss_class,
         }
+
+    def _mask_losses(self, masks: Tensor, target_masks: Tensor, num_objects: float | Tensor) -> tuple[Tensor, Tensor]:
+        """Focal and dice losses `[N, M]` of every candidate mask."""
+        focal = sigmoid_focal_loss(
+            masks, target_masks, num_objects, alpha=self.focal_alpha, gamma=self.focal_gamma, loss_on_multimask=True
+        )
+        return focal, dice_loss(masks, target_masks, num_objects, loss_on_multimask=True)
 
     def reduce_loss(self, losses: Mapping[str, Tensor | float]) -> Tensor | float:
         """The weighted sum of the loss parts whose weight is non-zero."""
