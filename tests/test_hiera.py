@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from sam2.modeling.backbones.hieradet import Hiera
+from sam2.modeling.backbones.hieradet import Hiera, _pool_channels_last
 from sam2.modeling.backbones.utils import window_partition, window_unpartition
 from sam2.modeling.sam2_utils import DropPath
 from tests.reference import assert_close_scaled
@@ -217,3 +219,22 @@ def test_pos_embed_tiles_window_from_top_left_when_grid_is_not_a_multiple():
 def test_bad_configs_are_rejected_with_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Hiera(**{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("hw", [(8, 6), (7, 5)])  # the odd size leaves a row and a column out
+def test_window_max_pool_keeps_bool_winners_and_gives_max_pool2d_gradients(hw):
+    gen = torch.Generator().manual_seed(0)
+    # Few distinct values, so windows hold ties: both must pick the same (first) maximum.
+    x = torch.randint(0, 4, (2, *hw, 3), generator=gen).float()
+    grad = torch.randn(2, hw[0] // 2, hw[1] // 2, 3, generator=gen)
+    pool = torch.nn.MaxPool2d(kernel_size=(2, 2), stride=(2, 2))
+    outs = []
+    for pool_fn in (partial(_pool_channels_last, pool=pool), lambda t: pool(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)):
+        leaf = x.clone().requires_grad_(True)
+        out = pool_fn(leaf)
+        if not outs:
+            assert [t.dtype for t in out.grad_fn.saved_tensors] == [torch.bool] * 4
+        out.backward(grad)
+        outs.append((out.detach(), leaf.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert (outs[0][1] != 0).sum() == grad.numel()

@@ -25,7 +25,49 @@ from sam2.modeling.sam2_utils import MLP, DropPath
 
 def _pool_channels_last(x: Tensor, pool: nn.Module) -> Tensor:
     """Apply a `[B, C, H, W]` pooling layer to `[B, H, W, C]` tokens."""
+    kernel = _pair(pool.kernel_size)
+    windowed = kernel != (1, 1) and _pair(pool.stride) == kernel and _pair(pool.padding) == (0, 0)
+    plain = _pair(pool.dilation) == (1, 1) and not pool.ceil_mode
+    if isinstance(pool, nn.MaxPool2d) and windowed and plain and torch.is_grad_enabled() and x.requires_grad:
+        return _WindowMaxPool.apply(x, kernel)
     return pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class _WindowMaxPool(torch.autograd.Function):
+    """Max-pooling of `[B, H, W, C]` tokens over non-overlapping `kernel` windows, as `nn.MaxPool2d`
+    computes it, whose backward keeps one bool per input element (is it its window's winner)
+    instead of the input and an int64 index per output: at 2x2, one byte per input element
+    instead of six. The winner is the first position holding the maximum, where max_pool2d's
+    backward sends the gradient too; the gradients are equal (a zero may carry a sign, and for a
+    NaN maximum, whose gradient is NaN anyway, the position may differ).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: tuple[int, int]) -> Tensor:
+        pooled = F.max_pool2d(x.permute(0, 3, 1, 2), kernel, kernel).permute(0, 2, 3, 1)
+        out_h, out_w = pooled.shape[1:3]
+        winners, all_lost = [], None
+        for position in range(kernel[0] * kernel[1] - 1):
+            holds_max = _window_position(x, kernel, position, out_h, out_w) == pooled
+            winners.append(holds_max if all_lost is None else holds_max & all_lost)
+            all_lost = ~holds_max if all_lost is None else all_lost & ~holds_max
+        ctx.save_for_backward(*winners, all_lost)  # where the first positions lost, the last one won
+        ctx.kernel, ctx.in_shape = kernel, x.shape
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        out_h, out_w = grad.shape[1:3]
+        grad_in = grad.new_zeros(ctx.in_shape)  # rows and columns that floor pooling left out stay 0
+        for position, winner in enumerate(ctx.saved_tensors):
+            torch.mul(grad, winner, out=_window_position(grad_in, ctx.kernel, position, out_h, out_w))
+        return grad_in, None
+
+
+def _window_position(x: Tensor, kernel: tuple[int, int], position: int, out_h: int, out_w: int) -> Tensor:
+    """The `[B, out_h, out_w, C]` strided view of `[B, H, W, C]` at one row-major position of every window."""
+    row, col = divmod(position, kernel[1])
+    return x[:, row : out_h * kernel[0] : kernel[0], col : out_w * kernel[1] : kernel[1]]
 
 
 class MultiScaleAttention(nn.Module):
