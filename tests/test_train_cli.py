@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,12 @@ def test_print_config_of_a_yaml_path_uses_its_stem_for_the_run_dir(tmp_path, cap
     assert OmegaConf.create(out).launcher.experiment_log_dir == str(tmp_path / "sam2_logs" / "my_run")
     with pytest.raises(ConfigError):
         find_config_file(str(tmp_path / "missing.yaml"))
+
+
+def test_the_trainer_loads_pandas_only_to_evaluate():
+    """pandas (about 30 MB resident) builds evaluation tables; a run that never evaluates skips it."""
+    code = "import sys, training.train, training.trainer, training.engine.validation_hook; print('pandas' in sys.modules)"
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from training.evaluation.results import VIDEO_METRICS, EvalResult, image_metric_columns
+
+if TYPE_CHECKING:  # pandas loads on first use: a training run that never evaluates skips it (~30 MB)
+    import pandas as pd
 
 ITEM_KEY = {"video": "video", "image": "image"}
 
@@ -29,6 +31,8 @@ def metric_columns(result: EvalResult) -> list[str]:
 
 def result_table(result: EvalResult) -> pd.DataFrame:
     """All levels of a result in one table (the CSV's content)."""
+    import pandas as pd
+
     key = ITEM_KEY[result.kind]
     metrics = metric_columns(result)
     objects = result.objects.assign(level="object")
@@ -52,6 +56,8 @@ def write_csv(result: EvalResult, path: str | os.PathLike) -> str:
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
     """A table written by `write_csv`."""
+    import pandas as pd
+
     return pd.read_csv(path)
 
 
@@ -75,6 +81,8 @@ def compare_results(results: Mapping[str, EvalResult]) -> pd.DataFrame:
 
     Rows are metrics; columns are the two run names and `difference`.
     """
+    import pandas as pd
+
     if len(results) != 2:
         raise ValueError(f"compare_results takes exactly two runs, got {len(results)}: {list(results)}")
     (name_a, a), (name_b, b) = results.items()
@@ -95,6 +103,8 @@ def compare_results(results: Mapping[str, EvalResult]) -> pd.DataFrame:
 
 def compare_items(results: Mapping[str, EvalResult]) -> pd.DataFrame:
     """The headline metric per video / image for two runs, with the difference."""
+    import pandas as pd
+
     (name_a, a), (name_b, b) = results.items()
     key, metric = ITEM_KEY[a.kind], a.primary_metric
     if a.items.empty or b.items.empty:

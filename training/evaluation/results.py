@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
+
+if TYPE_CHECKING:  # pandas loads on first use: a training run that never evaluates skips it (~30 MB)
+    import pandas as pd
 
 VIDEO_METRICS = ("J&F", "J", "F", "J_recall", "F_recall", "J_decay", "F_decay")
 PRIMARY_METRIC = {"video": "J&F", "image": "iou_1_click"}
@@ -59,6 +61,8 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _object_table(rows: list[dict[str, Any]], item_key: str) -> pd.DataFrame:
     """Rows as a DataFrame, one per (item, object), sorted; duplicates (padding) dropped."""
+    import pandas as pd
+
     table = pd.DataFrame(rows)
     if table.empty:
         return table
