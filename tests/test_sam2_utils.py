@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sam2.modeling.sam2_utils import MLP, DropPath, LayerNorm2d, get_activation_fn
+from sam2.modeling.sam2_utils import MLP, DropPath, LayerNorm2d, get_activation_fn, resize
 from tests.reference import assert_close
 
 pytestmark = pytest.mark.reference
@@ -54,3 +55,18 @@ def test_drop_path_is_identity_in_eval_and_drops_whole_samples_in_train():
 def test_unknown_activation_names_the_choices():
     with pytest.raises(ValueError, match="relu"):
         get_activation_fn("swish")
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(64, 48), (5, 9)])  # up and down
+def test_resize_is_interpolate_forward_and_its_gradient_backward(mode, size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 12, generator=gen)
+    grad = torch.randn(2, 3, *size, generator=gen)
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = resize(ours, size, mode=mode)
+    expected = F.interpolate(theirs, size=size, mode=mode, align_corners=False)
+    assert torch.equal(out, expected)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from torch.nn.modules.utils import _pair
 
 from sam2.modeling.backbones.utils import PatchEmbed, window_partition, window_unpartition
 from sam2.modeling.lean_autograd import rebuilt_in_backward
-from sam2.modeling.sam2_utils import MLP, DropPath
+from sam2.modeling.sam2_utils import MLP, DropPath, resize
 
 
 def _pool_channels_last(x: Tensor, pool: nn.Module) -> Tensor:
@@ -366,7 +366,7 @@ class Hiera(nn.Module):
     def _get_pos_embed(self, hw: tuple[int, int]) -> Tensor:
         """Position embedding `[1, H, W, C]`: the resized background plus the tiled window embedding."""
         height, width = hw
-        background = _BicubicResize.apply(self.pos_embed, (height, width))
+        background = resize(self.pos_embed, (height, width), mode="bicubic")
         window = self.pos_embed_window
         # Windows are cut from the top-left corner, so the tiling starts there and is cropped at
         # the padded bottom/right edge.
@@ -404,34 +404,6 @@ class Hiera(nn.Module):
             return 0
         block = re.search(r"blocks\.(\d+)", layer_name)
         return int(block.group(1)) + 1 if block else top
-
-
-class _BicubicResize(torch.autograd.Function):
-    """`F.interpolate(x, size, mode="bicubic")` with the backward as two small matmuls.
-
-    Bicubic resizing is linear and separable, `resize_h @ x @ resize_w^T`, so its gradient is
-    `resize_h^T @ grad @ resize_w`: microseconds, where the CPU kernel's scatter takes 11 ms at
-    256 px (and 16 times that at 1024 px). The forward stays torch's kernel, bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, size: tuple[int, int]) -> Tensor:
-        ctx.in_size = x.shape[-2:]
-        return F.interpolate(x, size=size, mode="bicubic")
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        resize_h, resize_w = (
-            _bicubic_resize_matrix(size_in, size_out, grad) for size_in, size_out in zip(ctx.in_size, grad.shape[-2:])
-        )
-        return resize_h.T @ grad @ resize_w, None
-
-
-def _bicubic_resize_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
-    """`[size_out, size_in]` weights of `F.interpolate(mode="bicubic")` along one axis, taken from
-    the interpolation of a basis (the other axis keeps size 1, whose weights are exactly 0, 1, 0, 0)."""
-    basis = torch.eye(size_in, dtype=like.dtype, device=like.device)[:, None, :, None]
-    return F.interpolate(basis, size=(size_out, 1), mode="bicubic")[:, 0, :, 0].T
 
 
 def _check_config(

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from sam2.modeling.sam.mask_decoder import MaskDecoder
 from sam2.modeling.sam.prompt_encoder import PromptEncoder
 from sam2.modeling.sam.transformer import TwoWayTransformer
+from sam2.modeling.sam2_utils import resize
 from sam2.modeling.tracking.object_pointers import blend_absent_object_pointer
 from sam2.modeling.tracking.options import MultimaskPolicy, ObjectScoreOptions, SamHeadOptions
 
@@ -208,9 +209,7 @@ class SamHeadsMixin:
             # Masks (and so memories) of absent objects are empty, a hard choice.
             low_res_multimasks = torch.where(visible[:, None, None], low_res_multimasks, NO_OBJ_SCORE)
         low_res_multimasks = low_res_multimasks.float()  # from bf16/fp16 under autocast
-        high_res_multimasks = F.interpolate(
-            low_res_multimasks, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-        )
+        high_res_multimasks = resize(low_res_multimasks, (self.image_size, self.image_size), mode="bilinear")
         low_res_masks, high_res_masks, token = pick_best_candidate(
             low_res_multimasks, high_res_multimasks, ious, output_tokens, multimask_output
         )
