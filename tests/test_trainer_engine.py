@@ -83,6 +83,8 @@ def test_training_writes_a_complete_checkpoint_and_logs(tmp_path, monkeypatch):
     assert {"model", "optimizer", "loss", "epoch", "steps", "time_elapsed", "rng"} <= set(checkpoint)
     assert checkpoint["epoch"] == 3 and checkpoint["steps"]["train"] == 12 and checkpoint["batch_in_epoch"] == 0
     assert checkpoint["time_elapsed"] > 0
+    # One process trains the plain model: no DDP buckets holding gradients through the forward.
+    assert not isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
     assert set(checkpoint["model"]) == set(trainer.model.state_dict())
     assert not any(name.startswith("module.") for name in checkpoint["model"])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
