@@ -67,25 +67,19 @@ class Trainer(TrainerSetupMixin):
     def __init__(
         self,
         *,
-        data: Mapping[str, Any],
-        model: Mapping[str, Any],
-        logging: Mapping[str, Any],
-        checkpoint: Mapping[str, Any],
-        max_epochs: int,
-        mode: str = "train",
-        accelerator: str = "cuda",
-        seed_value: int = 123,
-        val_epoch_freq: int = 1,
-        distributed: Mapping[str, Any] | None = None,
-        cuda: Mapping[str, Any] | None = None,
-        env_variables: Mapping[str, Any] | None = None,
-        optim: Mapping[str, Any] | None = None,
-        optim_overrides: Any = None,
-        meters: Mapping[str, Any] | None = None,
-        loss: Mapping[str, Any] | None = None,
-        validation: Mapping[str, Any] | None = None,
+        # What is trained, on what, towards what.
+        model: Mapping[str, Any], data: Mapping[str, Any], loss: Mapping[str, Any] | None = None,
+        optim: Mapping[str, Any] | None = None, optim_overrides: Any = None,
         model_optimizations: Mapping[str, Any] | None = None,
-    ) -> None:
+        # For how long, and how it is checked.
+        max_epochs: int, mode: str = "train", val_epoch_freq: int = 1,
+        validation: Mapping[str, Any] | None = None, meters: Mapping[str, Any] | None = None,
+        # Where it runs.
+        accelerator: str = "cuda", distributed: Mapping[str, Any] | None = None, cuda: Mapping[str, Any] | None = None,
+        env_variables: Mapping[str, Any] | None = None, seed_value: int = 123,
+        # What it writes.
+        logging: Mapping[str, Any], checkpoint: Mapping[str, Any],
+    ) -> None:  # fmt: skip
         if mode not in ("train", "train_only", "val"):
             raise ValueError(f"trainer.mode is {mode!r}; use 'train', 'train_only' or 'val'")
         for name, value in (env_variables or {}).items():

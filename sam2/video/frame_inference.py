@@ -65,21 +65,13 @@ class FrameInferenceMixin:
         """`track_step` on one frame; returns the compact stored output and the mask logits on the
         compute device (holes filled when `fill_hole_area > 0`)."""
         assert point_inputs is None or mask_inputs is None, "a frame's prompt is points or a mask, not both"
-        _, _, vision_feats, vision_pos, feat_sizes = self._get_image_feature(inference_state, frame_idx, batch_size)
+        # The image features (per level: tokens, positions, grid sizes) lead track_step's arguments.
+        features = self._get_image_feature(inference_state, frame_idx, batch_size)[2:]
         out = self.track_step(
-            frame_idx=frame_idx,
-            is_init_cond_frame=is_init_cond_frame,
-            current_vision_feats=vision_feats,
-            current_vision_pos_embeds=vision_pos,
-            feat_sizes=feat_sizes,
-            point_inputs=point_inputs,
-            mask_inputs=mask_inputs,
-            output_dict=output_dict,
-            num_frames=inference_state.num_frames,
-            track_in_reverse=reverse,
-            run_mem_encoder=run_mem_encoder,
+            frame_idx, is_init_cond_frame, *features, point_inputs, mask_inputs, output_dict,
+            inference_state.num_frames, track_in_reverse=reverse, run_mem_encoder=run_mem_encoder,
             prev_sam_mask_logits=prev_sam_mask_logits,
-        )
+        )  # fmt: skip
         storage = inference_state.storage_device
         maskmem_features = out["maskmem_features"]
         if maskmem_features is not None:

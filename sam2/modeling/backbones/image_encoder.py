@@ -71,17 +71,12 @@ class FpnNeck(nn.Module):
     """
 
     def __init__(
-        self,
-        position_encoding: nn.Module,
-        d_model: int,
-        backbone_channel_list: Sequence[int],
-        kernel_size: int = 1,
-        stride: int = 1,
-        padding: int = 0,
-        fpn_interp_model: str = "bilinear",
-        fuse_type: str = "sum",
-        fpn_top_down_levels: Sequence[int] | None = None,
-    ) -> None:
+        self, position_encoding: nn.Module, d_model: int, backbone_channel_list: Sequence[int],
+        # The lateral convolutions.
+        kernel_size: int = 1, stride: int = 1, padding: int = 0,
+        # The top-down path.
+        fpn_interp_model: str = "bilinear", fuse_type: str = "sum", fpn_top_down_levels: Sequence[int] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         if fuse_type not in ("sum", "avg"):
             raise ValueError(f"FpnNeck fuse_type must be 'sum' or 'avg', got {fuse_type!r}")

@@ -37,15 +37,15 @@ class MaskDecoder(nn.Module):
     Args:
         transformer_dim: channel width `C` of tokens and image embedding.
         transformer: a `TwoWayTransformer` of width `C`.
-        num_multimask_outputs: masks in the multimask answer.
         activation: activation class of the upscaling stack.
-        iou_head_depth, iou_head_hidden_dim: layers and width of the IoU head MLP.
         use_high_res_features: add stride-4/8 backbone features (via `conv_s0`/`conv_s1`) while upscaling.
+        num_multimask_outputs: masks in the multimask answer.
+        iou_head_depth, iou_head_hidden_dim: layers and width of the IoU head MLP.
         iou_prediction_use_sigmoid: IoU head ends with a sigmoid.
-        dynamic_multimask_via_stability, dynamic_multimask_stability_delta,
-        dynamic_multimask_stability_thresh: see `StabilityFallback`.
         pred_obj_scores: predict an "object present" logit from its own token.
         pred_obj_scores_mlp: the object-score head is a 3-layer MLP instead of a linear layer.
+        dynamic_multimask_via_stability, dynamic_multimask_stability_delta,
+        dynamic_multimask_stability_thresh: see `StabilityFallback`.
         use_multimask_token_for_obj_ptr: with multimask output, return the multimask tokens as SAM
             tokens (for object pointers) instead of the single-mask token.
     """
@@ -53,21 +53,20 @@ class MaskDecoder(nn.Module):
     def __init__(
         self,
         *,
+        # The trunk: token width, the two-way transformer, and the upscaling back to masks.
         transformer_dim: int,
         transformer: nn.Module,
-        num_multimask_outputs: int = 3,
         activation: type[nn.Module] = nn.GELU,
-        iou_head_depth: int = 3,
-        iou_head_hidden_dim: int = 256,
         use_high_res_features: bool = False,
-        iou_prediction_use_sigmoid: bool = False,
+        # Heads on the output tokens.
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, iou_prediction_use_sigmoid: bool = False,
+        pred_obj_scores: bool = False, pred_obj_scores_mlp: bool = False,
+        # Which answer is returned.
         dynamic_multimask_via_stability: bool = False,
-        dynamic_multimask_stability_delta: float = 0.05,
-        dynamic_multimask_stability_thresh: float = 0.98,
-        pred_obj_scores: bool = False,
-        pred_obj_scores_mlp: bool = False,
+        dynamic_multimask_stability_delta: float = 0.05, dynamic_multimask_stability_thresh: float = 0.98,
         use_multimask_token_for_obj_ptr: bool = False,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
         self.transformer_dim = transformer_dim
         self.transformer = transformer
@@ -87,13 +86,12 @@ class MaskDecoder(nn.Module):
         if pred_obj_scores:
             self.obj_score_token = nn.Embedding(1, transformer_dim)
 
+        # Two 2x transposed convolutions, C -> C/4 -> C/8 channels (the first one normalised).
+        quarter, eighth = transformer_dim // 4, transformer_dim // 8
         self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
-            activation(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
-            activation(),
-        )
+            nn.ConvTranspose2d(transformer_dim, quarter, kernel_size=2, stride=2), LayerNorm2d(quarter), activation(),
+            nn.ConvTranspose2d(quarter, eighth, kernel_size=2, stride=2), activation(),
+        )  # fmt: skip
         if use_high_res_features:
             # Applied by the tracker to the backbone's stride-4 (s0) and stride-8 (s1) features.
             self.conv_s0 = nn.Conv2d(transformer_dim, transformer_dim // 8, kernel_size=1, stride=1)
@@ -144,13 +142,9 @@ class MaskDecoder(nn.Module):
             masks `[B, M, 4H, 4W]` (logits; M = num_multimask_outputs or 1), iou_pred `[B, M]`,
             sam_tokens_out `[B, M', C]` (mask tokens for object pointers) and object_score_logits `[B, 1]`.
         """
+        prompts = (sparse_prompt_embeddings, dense_prompt_embeddings)
         masks, iou_pred, mask_tokens_out, object_score_logits = self.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse_prompt_embeddings,
-            dense_prompt_embeddings=dense_prompt_embeddings,
-            repeat_image=repeat_image,
-            high_res_features=high_res_features,
+            image_embeddings, image_pe, *prompts, repeat_image, high_res_features
         )
         if multimask_output:
             masks, iou_pred = masks[:, 1:], iou_pred[:, 1:]

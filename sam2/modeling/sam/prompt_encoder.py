@@ -33,13 +33,9 @@ class PromptEncoder(nn.Module):
     """
 
     def __init__(
-        self,
-        embed_dim: int,
-        image_embedding_size: tuple[int, int],
-        input_image_size: tuple[int, int],
-        mask_in_chans: int,
-        activation: type[nn.Module] = nn.GELU,
-    ) -> None:
+        self, embed_dim: int, image_embedding_size: tuple[int, int], input_image_size: tuple[int, int],
+        mask_in_chans: int, activation: type[nn.Module] = nn.GELU,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.embed_dim = embed_dim
         self.input_image_size = input_image_size
@@ -51,15 +47,14 @@ class PromptEncoder(nn.Module):
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
 
         self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
-        self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans // 4),
-            activation(),
-            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
-            LayerNorm2d(mask_in_chans),
-            activation(),
-            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
-        )
+        # Two normalised 2x-strided stages (1 -> mask_in_chans / 4 -> mask_in_chans channels), then a
+        # 1x1 projection to the embedding width.
+        stages = [
+            layer
+            for chans_in, chans_out in ((1, mask_in_chans // 4), (mask_in_chans // 4, mask_in_chans))
+            for layer in (nn.Conv2d(chans_in, chans_out, kernel_size=2, stride=2), LayerNorm2d(chans_out), activation())
+        ]
+        self.mask_downscaling = nn.Sequential(*stages, nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1))
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> Tensor:

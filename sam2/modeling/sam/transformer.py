@@ -149,14 +149,9 @@ class TwoWayAttentionBlock(nn.Module):
     """
 
     def __init__(
-        self,
-        embedding_dim: int,
-        num_heads: int,
-        mlp_dim: int = 2048,
-        activation: type[nn.Module] = nn.ReLU,
-        attention_downsample_rate: int = 2,
-        skip_first_layer_pe: bool = False,
-    ) -> None:
+        self, embedding_dim: int, num_heads: int, mlp_dim: int = 2048, activation: type[nn.Module] = nn.ReLU,
+        attention_downsample_rate: int = 2, skip_first_layer_pe: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
@@ -200,14 +195,9 @@ class TwoWayTransformer(nn.Module):
     """
 
     def __init__(
-        self,
-        depth: int,
-        embedding_dim: int,
-        num_heads: int,
-        mlp_dim: int,
-        activation: type[nn.Module] = nn.ReLU,
+        self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, activation: type[nn.Module] = nn.ReLU,
         attention_downsample_rate: int = 2,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__()
         self.depth = depth
         self.embedding_dim = embedding_dim

@@ -57,16 +57,12 @@ class TrackStepMixin:
             sam_outputs = self._use_mask_as_output(pix_feat, high_res_features, mask_inputs)
             return current_out, sam_outputs, high_res_features, pix_feat
 
+        # Memory attention sees the coarsest level only (positional: the official signature's order).
+        coarsest = slice(-1, None)
         pix_feat = self._prepare_memory_conditioned_features(
-            frame_idx=frame_idx,
-            is_init_cond_frame=is_init_cond_frame,
-            current_vision_feats=current_vision_feats[-1:],
-            current_vision_pos_embeds=current_vision_pos_embeds[-1:],
-            feat_sizes=feat_sizes[-1:],
-            output_dict=output_dict,
-            num_frames=num_frames,
-            track_in_reverse=track_in_reverse,
-        )
+            frame_idx, is_init_cond_frame, current_vision_feats[coarsest], current_vision_pos_embeds[coarsest],
+            feat_sizes[coarsest], output_dict, num_frames, track_in_reverse,
+        )  # fmt: skip
         if prev_sam_mask_logits is not None:
             # Correction clicks: the earlier prediction goes back in as a dense prompt.
             if point_inputs is None or mask_inputs is not None:
