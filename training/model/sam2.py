@@ -156,12 +156,20 @@ class SAM2Train(SAM2Base):
         backbone_out["num_frames"] = input.num_frames
         return backbone_out
 
-    def _features_of_frame(self, backbone_out: dict[str, Any], input: BatchedVideoDatapoint, img_ids: Tensor, cache: dict) -> tuple:
-        """`(vision_feats, vision_pos_embeds, feat_sizes)` of the objects' frames `img_ids`."""
+    def _features_of_frame(self, backbone_out: dict[str, Any], input: BatchedVideoDatapoint, t: int, cache: dict) -> tuple:
+        """`(vision_feats, vision_pos_embeds, feat_sizes)` for the objects of frame `t`, one entry per object."""
+        img_ids = input.flat_obj_to_img_idx[t]
         if backbone_out["backbone_fpn"] is not None:
             if "all" not in cache:
                 cache["all"] = self._prepare_backbone_features(backbone_out)[1:]
             feats, pos, sizes = cache["all"]
+            if input.img_batch.shape[1] == 1:
+                # One video (batch 1, the usual fine-tuning setting): every object of frame t is
+                # on image t. Views instead of copies, and backward sums the objects' gradients
+                # instead of scattering them back.
+                return [x[:, t : t + 1].expand(-1, len(img_ids), -1) for x in feats], [
+                    x[:, t : t + 1].expand(-1, len(img_ids), -1) for x in pos
+                ], sizes
             return [x[:, img_ids] for x in feats], [x[:, img_ids] for x in pos], sizes
         # Per-frame backbone (eval on long videos): each distinct image once, then per object.
         unique_ids, inverse = torch.unique(img_ids, return_inverse=True)
@@ -176,7 +184,7 @@ class SAM2Train(SAM2Base):
         cache: dict = {}
         order = init_cond_frames + backbone_out["frames_not_in_init_cond"]
         for t in order:
-            feats, pos, sizes = self._features_of_frame(backbone_out, input, input.flat_obj_to_img_idx[t], cache)
+            feats, pos, sizes = self._features_of_frame(backbone_out, input, t, cache)
             current_out = self.track_step(
                 frame_idx=t,
                 is_init_cond_frame=t in init_cond_frames,
