@@ -99,11 +99,10 @@ def test_it_is_a_no_op_without_autograd_or_for_a_view():
     out.backward()
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 1 / 3])
+@pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropout_draws_and_differentiates_like_torch(p, layout, dtype):
-    x = _leaf(3, 64, 40).to(dtype).detach().requires_grad_()
+def test_dropout_draws_and_differentiates_like_torch(p, layout):
+    x = _leaf(3, 64, 40)
     source = x if layout == "contiguous" else x.transpose(1, 2)
     torch.manual_seed(3)
     expected = F.dropout(source, p, training=True)

@@ -11,7 +11,6 @@ without it; only what sits in memory between the two passes changes.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, ContextManager, NamedTuple
 
 import torch
@@ -72,34 +71,19 @@ def dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, Callable[[], T
     from `x` (for `rebuilt_in_backward`, where `x` is saved anyway); otherwise `None`.
 
     On the CPU torch draws a float mask with `bernoulli_(1 - p)`, scales it by `1 / (1 - p)` and
-    multiplies, saving the scaled mask for backward. This draws the same mask (`_keep_mask`),
-    computes the same product and has autograd save a bool copy instead, a quarter of the
-    memory. Elsewhere torch's fused dropout already keeps a bool mask, and this is `F.dropout`.
+    multiplies, saving the scaled mask for backward. This draws and computes exactly that, and
+    has autograd save a bool copy instead, a quarter of the memory. Elsewhere torch's fused
+    dropout already keeps a bool mask, and this is `F.dropout`.
     """
     if not (training and 0.0 < p < 1.0 and x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad):
         return F.dropout(x, p, training), None
-    keep = _keep_mask(x, 1.0 - p)
+    noise = torch.empty_like(x).bernoulli_(1.0 - p)
+    keep, dtype = noise.bool(), noise.dtype
 
     def scaled_mask() -> Tensor:
-        return keep.to(x.dtype).div_(1.0 - p)
+        return keep.to(dtype).div_(1.0 - p)
 
-    noise = scaled_mask()
+    noise.div_(1.0 - p)
     with rebuilt_in_backward(noise, scaled_mask):
         out = x * noise
     return out, lambda: x * scaled_mask()
-
-
-_UNIFORM_BITS = (1 << 53) - 1
-
-
-def _keep_mask(x: Tensor, keep_prob: float) -> Tensor:
-    """`torch.empty_like(x).bernoulli_(keep_prob).bool()`, the same draws in a third less time.
-
-    The CPU `bernoulli_` turns each draw of the generator's 64-bit stream into a double
-    `(bits & (2**53 - 1)) * 2**-53` and keeps the element where that is below `keep_prob`; an
-    int64 `random_()` takes the same draws (its values are the 64 bits with the sign bit clear),
-    so comparing their low 53 bits with `keep_prob * 2**53` (exact: a power-of-two scaling)
-    gives the same mask and leaves the generator where `bernoulli_` would.
-    """
-    bits = torch.empty_like(x, dtype=torch.int64).random_()
-    return bits.bitwise_and_(_UNIFORM_BITS) < math.ceil(keep_prob * 2**53)
