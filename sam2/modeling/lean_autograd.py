@@ -2,7 +2,7 @@
 
 For backward, autograd saves inputs of many ops. Some of them can be rebuilt exactly, and
 cheaply, from tensors that autograd saves anyway: a GELU's output from its input (which the GELU
-keeps), a dropout's output from the activation it masked and a one-byte mask. While
+keeps), a dropout's output from the activation it masked and the dropout's own mask. While
 `rebuilt_in_backward` is open, autograd stores a recipe in place of such a tensor and runs it when
 backward asks for the tensor. Forward and backward run the same kernels on the same values as
 without it; only what sits in memory between the two passes changes.
@@ -65,25 +65,17 @@ def _unpack(packed: Tensor | _Recipe) -> Tensor:
 
 
 def dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, Callable[[], Tensor] | None]:
-    """`F.dropout(x, p, training)`, whose mask autograd keeps as bytes rather than floats on the CPU.
+    """`F.dropout(x, p, training)` and, on the CPU, a function that rebuilds its output from `x`.
 
-    Returns the output and, when the byte mask is in use, a function that rebuilds the output
-    from `x` (for `rebuilt_in_backward`, where `x` is saved anyway); otherwise `None`.
-
-    On the CPU torch draws a float mask with `bernoulli_(1 - p)`, scales it by `1 / (1 - p)` and
-    multiplies, saving the scaled mask for backward. This draws and computes exactly that, and
-    has autograd save a bool copy instead, a quarter of the memory. Elsewhere torch's fused
-    dropout already keeps a bool mask, and this is `F.dropout`.
+    On the CPU torch draws a float mask with `bernoulli_(1 - p)`, scales it by `1 / (1 - p)`,
+    multiplies and keeps the scaled mask for backward. This does exactly that and also returns
+    `lambda: x * mask`: where `x` is saved anyway (a ReLU keeps its output), the layer that reads
+    the dropout's output can rebuild it in backward (`rebuilt_in_backward`) rather than keep it.
+    (Keeping a bool mask instead of the float one would save more, but rebuilding the float mask
+    twice per backward cost more time than it saved memory.) On CUDA torch's fused dropout keeps
+    only a bool mask, the output cannot be rebuilt cheaply, and this is `F.dropout`.
     """
     if not (training and 0.0 < p < 1.0 and x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad):
         return F.dropout(x, p, training), None
-    noise = torch.empty_like(x).bernoulli_(1.0 - p)
-    keep, dtype = noise.bool(), noise.dtype
-
-    def scaled_mask() -> Tensor:
-        return keep.to(dtype).div_(1.0 - p)
-
-    noise.div_(1.0 - p)
-    with rebuilt_in_backward(noise, scaled_mask):
-        out = x * noise
-    return out, lambda: x * scaled_mask()
+    noise = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
+    return x * noise, lambda: x * noise

@@ -71,7 +71,7 @@ class MemoryAttentionLayer(nn.Module):
     def _self_attend(self, tgt: Tensor, query_pos: Tensor | None) -> Tensor:
         normed = self.norm1(tgt)
         q_and_k = _add_pos(normed, query_pos, self.pos_enc_at_attn)
-        return tgt + _drop(self.dropout1, self.self_attn(q_and_k, q_and_k, v=normed))
+        return tgt + self.dropout1(self.self_attn(q_and_k, q_and_k, v=normed))
 
     def _cross_attend(
         self, tgt: Tensor, memory: Tensor, query_pos: Tensor | None, pos: Tensor | None, num_k_exclude_rope: int
@@ -85,15 +85,15 @@ class MemoryAttentionLayer(nn.Module):
             v=memory,
             **extra,
         )
-        return tgt + _drop(self.dropout2, attended)
+        return tgt + self.dropout2(attended)
 
     def _feed_forward(self, tgt: Tensor) -> Tensor:
         activated = self.activation(self.linear1(self.norm3(tgt)))
         hidden, rebuild = lean_autograd.dropout(activated, self.dropout.p, self.training)
-        # The second layer's input is rebuilt in backward from the activation and the byte mask.
+        # The second layer's input is rebuilt in backward from the activation and the mask.
         with lean_autograd.rebuilt_in_backward(hidden, rebuild) if rebuild else contextlib.nullcontext():
             out = self.linear2(hidden)
-        return tgt + _drop(self.dropout3, out)
+        return tgt + self.dropout3(out)
 
     def forward(
         self,
@@ -116,11 +116,6 @@ class MemoryAttentionLayer(nn.Module):
         tgt = self._self_attend(tgt, query_pos)
         tgt = self._cross_attend(tgt, memory, query_pos, pos, num_k_exclude_rope)
         return self._feed_forward(tgt)
-
-
-def _drop(module: nn.Dropout, x: Tensor) -> Tensor:
-    """`module(x)`, keeping a byte mask for backward (`lean_autograd.dropout`)."""
-    return lean_autograd.dropout(x, module.p, module.training)[0]
 
 
 def _single(x: Tensor | list[Tensor] | None, name: str) -> Tensor | None:
