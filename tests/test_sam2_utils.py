@@ -70,3 +70,19 @@ def test_resize_is_interpolate_forward_and_its_gradient_backward(mode, size):
     out.backward(grad)
     expected.backward(grad)
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_builds_its_backward_weights_once_per_size():
+    """A second backward of the same resize reuses the cached weights, with the same gradient."""
+    from sam2.modeling import sam2_utils
+
+    sam2_utils._cached_resize_matrix.cache_clear()
+    x = torch.randn(2, 3, 16, 12, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    grads = []
+    for _ in range(2):
+        x.grad = None
+        resize(x, (64, 48), mode="bilinear").sum().backward()
+        grads.append(x.grad)
+    info = sam2_utils._cached_resize_matrix.cache_info()
+    assert (info.misses, info.hits) == (2, 2)  # height and width built once, then reused
+    assert torch.equal(grads[0], grads[1])

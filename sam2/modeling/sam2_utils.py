@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from functools import partial
 from typing import Callable, ContextManager
 
@@ -130,10 +131,23 @@ class _SeparableResize(torch.autograd.Function):
 
 
 def _resize_matrix(size_in: int, size_out: int, mode: str, like: Tensor) -> Tensor:
-    """`[size_out, size_in]` weights of `F.interpolate` along one axis, read off the resize of a basis
-    (the other axis keeps size 1, whose weights are exactly 0, 1, 0, 0)."""
-    basis = torch.eye(size_in, dtype=like.dtype, device=like.device)[:, None, :, None]
+    """`[size_out, size_in]` weights of `F.interpolate` along one axis, in `like`'s dtype and device.
+
+    Cached: every prediction step's mask upsampling asks for the same two (building 256 -> 1024
+    takes ~1 ms on a CPU). Not while tracing, whose tensors must not outlive the trace.
+    """
+    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
+        return _build_resize_matrix(size_in, size_out, mode, like.dtype, like.device)
+    return _cached_resize_matrix(size_in, size_out, mode, like.dtype, like.device)
+
+
+def _build_resize_matrix(size_in: int, size_out: int, mode: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Read off the resize of a basis (the other axis keeps size 1, whose weights are exactly 0, 1, 0, 0)."""
+    basis = torch.eye(size_in, dtype=dtype, device=device)[:, None, :, None]
     return F.interpolate(basis, size=(size_out, 1), mode=mode, align_corners=False)[:, 0, :, 0].T
+
+
+_cached_resize_matrix = functools.lru_cache(maxsize=64)(_build_resize_matrix)
 
 
 def get_activation_fn(activation: str) -> Callable[[Tensor], Tensor]:
