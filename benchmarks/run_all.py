@@ -21,6 +21,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 BENCHMARKS = [
     ("bench_train_step.py", "train_step.md", ["--quick"]),
     ("bench_inference.py", "inference.md", ["--quick"]),
+    ("bench_components.py", "components.md", ["--quick"]),
     ("bench_data.py", "bench_data.md", ["--clips", "2", "--workers", "0", "--rounds", "1"]),
 ]
 
@@ -28,7 +29,7 @@ BENCHMARKS = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="passed to the training and inference benchmarks")
+    parser.add_argument("--threads", type=int, default=None, help="passed to the training, inference and component benchmarks")
     args = parser.parse_args(argv)
     failed, sections = [], []
     for script, result, quick_args in BENCHMARKS:

@@ -223,3 +223,21 @@ def test_inference_benchmark_runs_both_sides(reference, tmp_path: Path) -> None:
     assert row["reference_video_fps"] is not None, row
     assert row["ours_video_fps"] is not None, row
     assert row["mask_iou"] > 0.9, row
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_component_benchmark_runs_both_sides_on_the_same_weights(reference, tmp_path: Path) -> None:
+    from benchmarks.bench_components import main
+
+    options = "--quick --threads 1 --profile"
+    rows = main([*options.split(), "--results-dir", str(tmp_path), "--workdir", str(tmp_path / "work")])
+    assert (tmp_path / "components.md").is_file()
+    assert {row["component"] for row in rows} == {"image_encoder", "memory_attention"}
+    for row in rows:
+        assert row["errors"] is None, row
+        assert row["reference_train_ms"] > 0 and row["ours_train_ms"] > 0, row
+        assert row["ours_ops"] > 0 and row["reference_ops"] > 0, row
+        # Same weights and inputs: in float32 the two sides' eval-mode outputs agree to rounding.
+        assert row["output_rel_error"] < 1e-5, row
+        assert (tmp_path / f"components_{row['component']}_ours_profile.txt").is_file()
