@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from sam2.modeling.backbones.hieradet import Hiera, _pool_channels_last
+from sam2.modeling.backbones.hieradet import Hiera, MultiScaleAttention, _pool_channels_last
 from sam2.modeling.backbones.utils import window_partition, window_unpartition
 from sam2.modeling.sam2_utils import DropPath
 from tests.reference import assert_close_scaled
@@ -122,9 +122,16 @@ def tiny(ref_out) -> Hiera:
     return net
 
 
+# Windows cut by the padding attend in up to four batches with queries at real tokens (the CPU
+# default), or as one batch with queries at the padding too (the default elsewhere).
+attend_padding = pytest.mark.parametrize("attend_padding", [False, True], ids=["real_queries", "padding_queries"])
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("size", list(IMAGE_SIZES))
-def test_features_match_reference(tiny, ref_out, size):
+@attend_padding
+def test_features_match_reference(tiny, ref_out, size, attend_padding, monkeypatch):
+    monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend_padding)
     with torch.no_grad():
         features = tiny(_images()[size])
     h, w = IMAGE_SIZES[size]
@@ -146,7 +153,9 @@ def test_last_layer_only_matches_reference(tiny, ref_out):
 
 @pytest.mark.reference
 @pytest.mark.parametrize("size", ["square_64", "square_96", "odd_112x96"])
-def test_gradients_match_reference(tiny, ref_out, size):
+@attend_padding
+def test_gradients_match_reference(tiny, ref_out, size, attend_padding, monkeypatch):
+    monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend_padding)
     img = _images()[size].requires_grad_(True)
     _weighted_sum(tiny(img), _grad_weights()).backward()
     ref_input_grad, ref_param_grads = ref_out["grads"][size]

@@ -80,6 +80,15 @@ class MultiScaleAttention(nn.Module):
         q_pool: optional pooling layer applied to the query grid.
     """
 
+    # How windows cut by the padding attend. False: queries at real tokens only, in up to four
+    # batches (whole windows, last column, last row, corner), which skips the padded queries'
+    # FLOPs (two thirds of the tokens at 256 px). True: all windows as one batch, queries at the
+    # padding included and their outputs cropped, as the official code does: a quarter of the
+    # attention calls and none of the split/merge copies, for the GPU, where a training step's
+    # time goes to dispatching ops rather than to FLOPs. None: False on the CPU, True elsewhere.
+    # Outputs and gradients are the same either way.
+    attend_padding: bool | None = None
+
     def __init__(self, dim: int, dim_out: int, num_heads: int, q_pool: nn.Module | None = None) -> None:
         super().__init__()
         self.qkv = nn.Linear(dim, dim_out * 3)
@@ -105,7 +114,12 @@ class MultiScaleAttention(nn.Module):
         if window_size and (height % window_size or width % window_size):
             with rebuilt_in_backward(x, rebuild_input):
                 qkv = self.qkv(x)
-            tokens = self._attend_in_padded_windows(qkv, window_size)
+            attend_padding = self.attend_padding if self.attend_padding is not None else x.device.type != "cpu"
+            if attend_padding:
+                windows, padded_hw = window_partition(qkv, window_size, pad_value=self.qkv.bias)
+                tokens = self._attend_whole(windows, window_size, (height, width), padded_hw)
+            else:
+                tokens = self._attend_in_padded_windows(qkv, window_size)
         else:
             if window_size:
                 # Cut the input rather than the projection: dim channels to move instead of 3 * dim_out.
@@ -131,10 +145,12 @@ class MultiScaleAttention(nn.Module):
         """`[N, heads, h * w, head_dim]` -> `[*grid, dim_out]`."""
         return attended.transpose(1, 2).reshape(*grid, self.dim_out)
 
-    def _attend_whole(self, qkv: Tensor, window_size: int, hw: tuple[int, int]) -> Callable[[], Tensor]:
+    def _attend_whole(
+        self, qkv: Tensor, window_size: int, hw: tuple[int, int], padded_hw: tuple[int, int] | None = None
+    ) -> Callable[[], Tensor]:
         """Attention over whole windows (or the whole map): `qkv [N, h, w, 3 * dim_out]`, either the
-        map or its windows. Returns a function building the contiguous `[B, H', W', dim_out]` output
-        from the attention's output."""
+        map or its windows, which tile the `hw` map padded to `padded_hw`. Returns a function
+        building the contiguous `[B, H', W', dim_out]` output from the attention's output."""
         windows, height, width, _ = qkv.shape
         q, k, v = qkv.split(self.dim_out, dim=-1)
         k, v = (t.reshape(windows, height * width, self.num_heads, -1).transpose(1, 2) for t in (k, v))
@@ -145,8 +161,9 @@ class MultiScaleAttention(nn.Module):
         def tokens() -> Tensor:
             out = self._merge_heads(attended, (windows, pooled_h, pooled_w))
             if window_size:
+                padded_h, padded_w = padded_hw or hw
                 out_hw = (hw[0] // stride_h, hw[1] // stride_w)
-                out = window_unpartition(out, pooled_h, out_hw, out_hw)
+                out = window_unpartition(out, pooled_h, (padded_h // stride_h, padded_w // stride_w), out_hw)
             return out.contiguous()
 
         return tokens
