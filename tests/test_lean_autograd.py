@@ -238,3 +238,50 @@ def test_hiera_rebuilds_change_no_output_or_gradient(monkeypatch, size, autocast
     torch.testing.assert_close(lean_features, plain_features, **EXACT)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(lean_grads[name], grad, msg=name, **EXACT)
+
+
+def test_hiera_under_autocast_keeps_no_low_precision_copy_of_its_norms(monkeypatch):
+    """Under autocast the linear layers would keep the bf16 copies of the norm outputs they read;
+    the block casts them itself and rebuilds them in backward, with the values autocast gives."""
+    from sam2.modeling.backbones import hieradet
+    from tests.test_hiera import TINY
+
+    torch.manual_seed(0)
+    trunk = hieradet.Hiera(**TINY).train()
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    copies = []
+    norm_for_matmuls = hieradet._norm_for_matmuls
+
+    def recording(norm, x):
+        normed, rebuild = norm_for_matmuls(norm, x)
+        copies.append((normed.dtype, StorageWeakRef(normed.untyped_storage())))
+        return normed, rebuild
+
+    def run():
+        trunk.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = trunk(images)
+        gc.collect()
+        kept = [not ref.expired() for _, ref in copies]
+        sum((f.float() * _weights_like(f)).sum() for f in features).backward()
+        return kept, [f.detach() for f in features], {n: p.grad.clone() for n, p in trunk.named_parameters()}
+
+    monkeypatch.setattr(hieradet, "_norm_for_matmuls", recording)
+    kept, features, grads = run()
+    assert copies and all(dtype == torch.bfloat16 for dtype, _ in copies)
+    assert not any(kept)
+    # Leaving the cast to autocast gives the same values and gradients to the bit.
+    monkeypatch.setattr(hieradet, "autocast_matmul_dtype", lambda x: None)
+    _, plain_features, plain_grads = run()
+    torch.testing.assert_close(features, plain_features, **EXACT)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=name, **EXACT)
+
+
+def test_autocast_matmul_dtype_follows_autocast():
+    x = torch.randn(2, 2)
+    assert lean_autograd.autocast_matmul_dtype(x) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lean_autograd.autocast_matmul_dtype(x) == torch.bfloat16
+        assert lean_autograd.autocast_matmul_dtype(x.bfloat16()) is None
+        assert lean_autograd.autocast_matmul_dtype(torch.ones(2, dtype=torch.long)) is None

@@ -58,6 +58,23 @@ def rebuilt_in_backward(tensor: Tensor, rebuild: Callable[[], Tensor]) -> Contex
     return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
 
 
+def autocast_matmul_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would cast `x` to as a matmul's input here, or None where it would not
+    cast it (no autocast, or already that dtype).
+
+    A matmul under autocast keeps, for backward, the copy it casts its input to, which no
+    `rebuilt_in_backward` of the input reaches. Casting beforehand, with this dtype, makes that
+    copy a tensor of the caller's, which it can rebuild (fixing the dtype now: backward runs
+    outside autocast). The matmul then finds its input in the right dtype and casts nothing, so
+    the values are those autocast would have given.
+    """
+    device = x.device.type
+    if not (x.is_floating_point() and torch.is_autocast_enabled(device)):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype != x.dtype else None
+
+
 def _unpack(packed: Tensor | _Recipe) -> Tensor:
     if isinstance(packed, _Recipe):
         return packed.rebuild().as_strided(packed.size, packed.stride, packed.offset)

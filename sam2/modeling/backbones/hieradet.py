@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from sam2.modeling.backbones.utils import PatchEmbed, window_partition, window_unpartition
-from sam2.modeling.lean_autograd import rebuilt_in_backward
+from sam2.modeling.lean_autograd import autocast_matmul_dtype, rebuilt_in_backward
 from sam2.modeling.sam2_utils import MLP, DropPath, resize
 
 
@@ -270,16 +270,31 @@ class MultiScaleBlock(nn.Module):
         # The norms keep their inputs for backward, so their outputs are rebuilt from those
         # rather than kept as the next layers' inputs (sam2.modeling.lean_autograd).
         shortcut = x
-        normed, rebuild_normed = self.norm1(x), partial(self.norm1, x)
-        if self.dim != self.dim_out:
+        if self.dim != self.dim_out:  # two layers read this norm (see _norm_for_matmuls)
+            normed, rebuild_normed = self.norm1(x), partial(self.norm1, x)
             with rebuilt_in_backward(normed, rebuild_normed):
                 shortcut = self.proj(normed)
+        else:
+            normed, rebuild_normed = _norm_for_matmuls(self.norm1, x)
         if self.pool is not None:
             shortcut = _pool_channels_last(shortcut, self.pool)
         x = shortcut + self.drop_path(self.attn(normed, self.window_size, rebuild_input=rebuild_normed))
-        normed = self.norm2(x)
-        with rebuilt_in_backward(normed, partial(self.norm2, x)):
+        normed, rebuild_normed = _norm_for_matmuls(self.norm2, x)
+        with rebuilt_in_backward(normed, rebuild_normed):
             return x + self.drop_path(self.mlp(normed))
+
+
+def _norm_for_matmuls(norm: nn.Module, x: Tensor) -> tuple[Tensor, Callable[[], Tensor]]:
+    """`norm(x)` in the dtype the linear layer reading it computes in, and a function rebuilding it
+    bit for bit. Under autocast that is the low-precision copy the layer would otherwise make and
+    keep for backward itself (`lean_autograd.autocast_matmul_dtype`). Only for a norm that one
+    layer reads: autocast gives each reader its own copy, whose gradients add in float32, and
+    one shared copy would add them in its low precision."""
+    normed = norm(x)
+    dtype = autocast_matmul_dtype(normed)
+    if dtype is None:
+        return normed, partial(norm, x)
+    return normed.to(dtype), lambda: norm(x).to(dtype)
 
 
 class Hiera(nn.Module):
