@@ -181,3 +181,29 @@ def test_rope_attention_has_only_projection_weights_in_state_dict():
         f"{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj", "out_proj") for kind in ("weight", "bias")
     )
     assert module.k_proj.in_features == 16
+
+
+def test_rope_tables_are_one_per_grid_whatever_the_number_of_memory_frames():
+    """Keys over 1, 2 or 3 memory frames broadcast one grid's tables; layers share them."""
+    from sam2.modeling.position_encoding import AxialRotaryTables
+
+    layers = [RoPEAttention(embedding_dim=DIM, num_heads=HEADS, feat_sizes=(3, 3), rope_k_repeat=True) for _ in range(2)]
+    q = torch.randn(1, 9, DIM)
+    for layer in layers:
+        for frames in (1, 2, 3):
+            keys = torch.randn(1, 9 * frames + 2, DIM)
+            layer(q, keys, keys, num_k_exclude_rope=2)
+    head_dim = DIM // HEADS
+    grids = [key for key in AxialRotaryTables._pair_tables if key[0] == head_dim and key[2:4] == (3, 3)]
+    assert len(grids) == 1, grids
+
+
+def test_rope_tables_first_built_under_inference_mode_serve_training():
+    """A video predictor may build the tables under inference mode before training uses them."""
+    module = RoPEAttention(embedding_dim=DIM, num_heads=HEADS, feat_sizes=(5, 5), rope_k_repeat=True)
+    x = torch.randn(1, 25, DIM)
+    with torch.inference_mode():
+        module(x, torch.cat([x, x], dim=1), torch.cat([x, x], dim=1))
+    keys = torch.randn(1, 50, DIM, requires_grad=True)
+    module(x, keys, keys).sum().backward()
+    assert keys.grad is not None and keys.grad.abs().sum() > 0

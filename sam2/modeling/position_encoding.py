@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -175,7 +176,7 @@ class PositionEmbeddingRandom(nn.Module):
 
 
 class AxialRotaryTables:
-    """Cosine/sine tables of 2-D axial rotary position encoding, cached per feature-grid size.
+    """Cosine/sine tables of 2-D axial rotary position encoding.
 
     Each attention head's `head_dim` channels form `head_dim / 2` rotation pairs: the first half
     of the pairs turn with the token's column (x), the second half with its row (y), at
@@ -184,13 +185,15 @@ class AxialRotaryTables:
     bfloat16 autocast and `torch.compile`.
     """
 
+    # Pair tables per (head_dim, theta, end_x, end_y, device), shared by every instance: the
+    # memory attention's layers all use the same ones (8 copies were 64 MiB at 1024 px).
+    _pair_tables: ClassVar[dict[tuple[int, float, int, int, torch.device], tuple[Tensor, Tensor]]] = {}
+
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         if head_dim % 4 != 0:
             raise ValueError(f"axial rotary encoding needs a head dim divisible by 4, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
-        self._cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        self._pair_cache: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
 
     def angles(self, end_x: int, end_y: int) -> Tensor:
         """Rotation angles `[end_x * end_y, head_dim / 2]` for a grid of `end_y` rows of `end_x` tokens."""
@@ -203,28 +206,23 @@ class AxialRotaryTables:
 
     def get(self, end_x: int, end_y: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(cos, sin), each `[end_x * end_y, head_dim / 2]` float32 on `device`."""
-        key = (end_x, end_y)
-        tables = self._cache.get(key)
-        if tables is None or tables[0].device != device:
-            angles = self.angles(end_x, end_y).to(device)
-            tables = (angles.cos(), angles.sin())
-            self._cache[key] = tables
-        return tables
+        angles = self.angles(end_x, end_y).to(device)
+        return angles.cos(), angles.sin()
 
-    def get_pair_tables(self, end_x: int, end_y: int, device: torch.device, repeats: int = 1) -> tuple[Tensor, Tensor]:
-        """The tables in the form `rotate_pairs_with` takes, for `repeats` grids one after another.
-
-        Returns `(cos, signed_sin)`, each `[repeats * end_x * end_y, head_dim / 2, 2]`: `cos`
-        twice per pair, `sin` as `(-sin, sin)`. Cached per size and repeat count, so memory
-        attention (keys: several memory frames of the query grid) builds them once per run.
-        """
-        key = (end_x, end_y, repeats)
-        tables = self._pair_cache.get(key)
-        if tables is None or tables[0].device != device:
-            cos, sin = self.get(end_x, end_y, device)
-            cos, sin = cos.repeat(repeats, 1), sin.repeat(repeats, 1)
-            tables = (torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
-            self._pair_cache[key] = tables
+    def get_pair_tables(self, end_x: int, end_y: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The tables in the form `rotate_pairs_with` takes: `(cos, signed_sin)`, each
+        `[end_x * end_y, head_dim / 2, 2]`, `cos` twice per pair and `sin` as `(-sin, sin)`.
+        Cached per size and device. Keys spanning several grids (memory frames) broadcast them
+        over the frames rather than repeat them, so one table serves any number of memories."""
+        key = (self.head_dim, self.theta, end_x, end_y, torch.device(device))
+        tables = self._pair_tables.get(key)
+        if tables is None:
+            # Plain tensors even when first asked for under inference mode, so that training
+            # can save them for backward later.
+            with torch.inference_mode(False):
+                cos, sin = self.get(end_x, end_y, device)
+                tables = (torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
+            self._pair_tables[key] = tables
         return tables
 
 
@@ -237,7 +235,8 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rotate_pairs_with(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """`rotate_pairs` with the tables of `AxialRotaryTables.get_pair_tables` (`[N, D/2, 2]`).
+    """`rotate_pairs` with the tables of `AxialRotaryTables.get_pair_tables` (`[N, D/2, 2]`, which
+    broadcast over any dims of `x` before `N`).
 
     `(re, im) -> (re cos - im sin, im cos + re sin)`, written as `pairs * cos + swapped * (-sin, sin)`:
     four kernels instead of seven, and bit-identical to the written-out form (a negated factor

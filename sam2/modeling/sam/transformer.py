@@ -133,8 +133,9 @@ class RoPEAttention(Attention):
                     f"{num_k_rope} rotated keys ({num_keys} minus num_k_exclude_rope={num_k_exclude_rope}) are not "
                     f"a whole number of {num_queries}-token grids"
                 )
-            repeats = num_k_rope // num_queries
-            rotated = rotate_pairs_with(k[:, :, :num_k_rope], *self.rope.get_pair_tables(*grid, device=k.device, repeats=repeats))
+            # Each memory frame's keys turn like the queries: one grid's tables, broadcast over frames.
+            frames = k[:, :, :num_k_rope].unflatten(-2, (num_k_rope // num_queries, num_queries))
+            rotated = rotate_pairs_with(frames, *self.rope.get_pair_tables(*grid, device=k.device)).flatten(-3, -2)
             k = torch.cat((rotated, k[:, :, num_k_rope:]), dim=-2) if num_k_exclude_rope > 0 else rotated
         return self._attend(q, k, v)
 
