@@ -149,3 +149,27 @@ def test_axial_rotation_preserves_pair_norms_and_dtype():
 def test_axial_tables_reject_head_dims_not_divisible_by_four():
     with pytest.raises(ValueError, match="divisible by 4"):
         AxialRotaryTables(6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pair_rotation_values_and_gradients_are_autograds_of_the_written_out_form(dtype):
+    from sam2.modeling.position_encoding import rotate_pairs_with
+
+    cos, signed_sin = AxialRotaryTables(8).get_pair_tables(3, 2, torch.device("cpu"))
+    # Keys of three memory frames: [B, heads, frames, N, D], the tables broadcast over frames.
+    x = torch.randn(2, 1, 3, 6, 8, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def written_out(t):
+        pairs = t.float().unflatten(-1, (-1, 2))
+        re, im = pairs.unbind(-1)
+        c, s = cos[..., 0], signed_sin[..., 1]
+        return torch.stack((re * c - im * s, im * c + re * s), dim=-1).flatten(-2).type_as(t)
+
+    out = rotate_pairs_with(x, cos, signed_sin)
+    (grad,) = torch.autograd.grad((out.float() * weights).sum(), x)
+    expected = written_out(x)
+    (expected_grad,) = torch.autograd.grad((expected.float() * weights).sum(), x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
