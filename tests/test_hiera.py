@@ -247,3 +247,36 @@ def test_window_max_pool_keeps_bool_winners_and_gives_max_pool2d_gradients(hw):
         outs.append((out.detach(), leaf.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert (outs[0][1] != 0).sum() == grad.numel()
+
+
+@attend_padding
+def test_padded_windows_stay_in_autocast_precision(attend_padding, monkeypatch):
+    """Under autocast the bias padding takes the projection's dtype: the windows reach attention
+    in bfloat16 (a float32 pad would promote the whole map), with the same values as before."""
+    from sam2.modeling.backbones import hieradet
+
+    monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend_padding)
+    torch.manual_seed(0)
+    net = Hiera(**TINY).eval()
+    image = _images()["square_96"]  # pads stage-3 windows
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(hieradet.F, "scaled_dot_product_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = net(image)
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+    # A float32 pad, as before: the promoted windows are cast back to bfloat16 for attention.
+    partition = hieradet.window_partition
+    monkeypatch.setattr(
+        hieradet,
+        "window_partition",
+        lambda x, size, pad_value=None: partition(x, size, None if pad_value is None else pad_value.float()),
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        promoted = net(image)
+    torch.testing.assert_close(features, promoted, rtol=0, atol=0)

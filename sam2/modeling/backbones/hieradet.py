@@ -116,7 +116,8 @@ class MultiScaleAttention(nn.Module):
                 qkv = self.qkv(x)
             attend_padding = self.attend_padding if self.attend_padding is not None else x.device.type != "cpu"
             if attend_padding:
-                windows, padded_hw = window_partition(qkv, window_size, pad_value=self.qkv.bias)
+                # The bias in the projection's dtype: under autocast a float32 pad would promote the whole map.
+                windows, padded_hw = window_partition(qkv, window_size, pad_value=self.qkv.bias.to(qkv.dtype))
                 tokens = self._attend_whole(windows, window_size, (height, width), padded_hw)
             else:
                 tokens = self._attend_in_padded_windows(qkv, window_size)
@@ -174,7 +175,8 @@ class MultiScaleAttention(nn.Module):
         row, the corner) attend as one batch each. Returns a function building the contiguous
         `[B, H', W', dim_out]` output from the attention's outputs."""
         batch, height, width, _ = qkv.shape
-        kv = window_partition(qkv[..., self.dim_out :], window_size, pad_value=self.qkv.bias[self.dim_out :])[0]
+        pad = self.qkv.bias[self.dim_out :].to(qkv.dtype)  # see forward: no float32 promotion under autocast
+        kv = window_partition(qkv[..., self.dim_out :], window_size, pad_value=pad)[0]
         stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
         row_runs = _window_runs(height, window_size, stride_h)
         col_runs = _window_runs(width, window_size, stride_w)
