@@ -22,6 +22,7 @@ import json
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from benchmarks.common import (
     BENCH_DIR,
     REPO_ROOT,
     RESULTS_DIR,
-    ChildFailed,
+    alternating_runs,
     check_imported_from,
     child_env,
     default_device,
@@ -160,16 +161,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="sam2-bench-components-") as tmp:
         workdir = args.workdir or Path(tmp)
         for component in args.components:
-            records: dict[str, list[dict]] = {side: [] for side in args.sides}
-            errors: dict[str, list[str]] = {side: [] for side in args.sides}
-            for repeat in range(args.repeats):
-                for side in args.sides if repeat % 2 == 0 else args.sides[::-1]:
-                    print(f"[{component}] run {repeat + 1}/{args.repeats}: {side}", flush=True)
-                    try:
-                        records[side].append(run_side(side, component, repeat, workdir=workdir, args=args))
-                    except ChildFailed as exc:
-                        print(f"[{component}] {side} failed: {exc}", file=sys.stderr, flush=True)
-                        errors[side].append(str(exc))
+            records, errors = alternating_runs(
+                component,
+                args.sides,
+                args.repeats,
+                partial(run_side, component=component, workdir=workdir, args=args),
+            )
             rows.append(summarize(component, records, errors))
             if args.profile:
                 results_dir.mkdir(parents=True, exist_ok=True)

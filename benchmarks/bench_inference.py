@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ if __package__ in (None, ""):
 from benchmarks.common import (
     BENCH_DIR,
     REPO_ROOT,
-    ChildFailed,
+    alternating_runs,
     check_imported_from,
     child_env,
     default_device,
@@ -248,28 +249,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
         for model_size in models:
             weights = make_weights(model_size, workdir / f"weights_{model_size}.pt")
-            records: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
-            errors: dict[str, list[str]] = {side: [] for side in args.sides}
-            for repeat in range(args.repeats):
-                for side in args.sides if repeat % 2 == 0 else args.sides[::-1]:
-                    print(f"[{model_size}] run {repeat + 1}/{args.repeats}: {side}", flush=True)
-                    try:
-                        records[side].append(
-                            run_side(
-                                side,
-                                model_size,
-                                repeat,
-                                workdir=workdir,
-                                weights=weights,
-                                frames=frames,
-                                masks=masks,
-                                args=args,
-                                device=device,
-                            )
-                        )
-                    except ChildFailed as exc:
-                        print(f"[{model_size}] {side} failed: {exc}", file=sys.stderr, flush=True)
-                        errors[side].append(str(exc))
+            records, errors = alternating_runs(
+                model_size,
+                args.sides,
+                args.repeats,
+                partial(
+                    run_side,
+                    model_size=model_size,
+                    workdir=workdir,
+                    weights=weights,
+                    frames=frames,
+                    masks=masks,
+                    args=args,
+                    device=device,
+                ),
+            )
             rows.append(summarize(model_size, records, errors))
     meta = machine_info(device) | {
         "command": "python benchmarks/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from benchmarks.common import (
     BENCH_DIR,
     REPO_ROOT,
     ChildFailed,
+    alternating_runs,
     check_imported_from,
     child_env,
     copy_reference_tree,
@@ -231,27 +233,24 @@ COLUMNS = [
 def run_case(case: TrainCase, workdir: Path, args: argparse.Namespace, device: str) -> dict[str, Any]:
     steps = args.warmup + args.iters + (1 if args.flops else 0)
     setup = prepare_case(case, workdir, device=device, steps=steps, num_workers=args.workers)
-    results = {side: SideResult() for side in args.sides}
-    order = list(args.sides)
-    for repeat in range(args.repeats):
-        for side in order if repeat % 2 == 0 else order[::-1]:
-            print(f"[{case.name}] run {repeat + 1}/{args.repeats}: {side}", flush=True)
-            try:
-                record = run_once(
-                    setup,
-                    side,
-                    repeat,
-                    device=device,
-                    steps=steps,
-                    count_flops_at=args.warmup + args.iters if args.flops else None,
-                    threads=args.threads,
-                    timeout=args.timeout,
-                    ours_overrides=args.ours_overrides,
-                )
-            except ChildFailed as exc:
-                print(f"[{case.name}] {side} failed: {exc}", file=sys.stderr, flush=True)
-                results[side].errors.append(str(exc))
-                continue
+    records, errors = alternating_runs(
+        case.name,
+        args.sides,
+        args.repeats,
+        partial(
+            run_once,
+            setup,
+            device=device,
+            steps=steps,
+            count_flops_at=args.warmup + args.iters if args.flops else None,
+            threads=args.threads,
+            timeout=args.timeout,
+            ours_overrides=args.ours_overrides,
+        ),
+    )
+    results = {side: SideResult(errors=errors[side]) for side in args.sides}
+    for side, side_records in records.items():
+        for record in side_records:
             collect(record, results[side], warmup=args.warmup, iters=args.iters)
     peak_flops = gpu_bf16_peak_flops(machine_info(device).get("gpu", "")) if device == "cuda" else None
     return summarize(case, results, peak_flops=peak_flops)

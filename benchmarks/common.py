@@ -126,6 +126,25 @@ def run_child(
     return time.perf_counter() - start
 
 
+def alternating_runs(
+    label: str, sides: Sequence[str], repeats: int, run: Callable[..., dict[str, Any]]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
+    """`run(side=..., run_index=...)` for each side, `repeats` times, alternating (a, b, b, a, ...),
+    so slow drift of a shared machine hits both sides alike. Returns each side's records and the
+    messages of its failed runs (a failed run is reported and skipped, not fatal)."""
+    records: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    errors: dict[str, list[str]] = {side: [] for side in sides}
+    for repeat in range(repeats):
+        for side in sides if repeat % 2 == 0 else list(sides)[::-1]:
+            print(f"[{label}] run {repeat + 1}/{repeats}: {side}", flush=True)
+            try:
+                records[side].append(run(side=side, run_index=repeat))
+            except ChildFailed as exc:
+                print(f"[{label}] {side} failed: {exc}", file=sys.stderr, flush=True)
+                errors[side].append(str(exc))
+    return records, errors
+
+
 def check_imported_from(module_files: dict[str, str], side: str, root: Path) -> None:
     """Raises unless every package a child reported (`name -> __file__`) lives under `root`."""
     for name, file in module_files.items():
