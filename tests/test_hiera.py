@@ -280,3 +280,27 @@ def test_padded_windows_stay_in_autocast_precision(attend_padding, monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         promoted = net(image)
     torch.testing.assert_close(features, promoted, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_trunk_compiles_without_graph_breaks_and_trains_alike(autocast):
+    """`compile_image_encoder` traces the trunk whole: no graph break, same outputs and gradients."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    net = Hiera(**TINY).train()
+    images = _images()["square_96"].requires_grad_(True)  # pads windows, pools, crops
+
+    def run(module):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            features = module(images)
+        grads = torch.autograd.grad(_weighted_sum([f.float() for f in features], _grad_weights()), [images, *net.parameters()])
+        return features, grads
+
+    eager_features, eager_grads = run(net)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_features, compiled_grads = run(torch.compile(net, backend="eager"))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch.testing.assert_close(compiled_features, eager_features, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_grads, eager_grads, rtol=0, atol=0)

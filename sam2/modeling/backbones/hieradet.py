@@ -28,7 +28,10 @@ def _pool_channels_last(x: Tensor, pool: nn.Module) -> Tensor:
     kernel = _pair(pool.kernel_size)
     windowed = kernel != (1, 1) and _pair(pool.stride) == kernel and _pair(pool.padding) == (0, 0)
     plain = _pair(pool.dilation) == (1, 1) and not pool.ceil_mode
-    if isinstance(pool, nn.MaxPool2d) and windowed and plain and torch.is_grad_enabled() and x.requires_grad:
+    # While torch.compile traces, the compiler decides what backward keeps (and this Function's
+    # strided `out=` writes would break the graph).
+    lean = torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+    if isinstance(pool, nn.MaxPool2d) and windowed and plain and lean:
         return _WindowMaxPool.apply(x, kernel)
     return pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
