@@ -199,6 +199,9 @@ def summarize(case: TrainCase, results: dict[str, SideResult], *, peak_flops: fl
         row[f"{side}_gflop_per_step"] = flops / 1e9 if flops else None
         row[f"{side}_mfu"] = flops / s_iter / peak_flops if flops and s_iter and peak_flops else None
         row[f"{side}_steps_timed"] = len(result.step_seconds)
+        # Every timed step, run after run (JSON only): with few steps, the median hides outliers,
+        # and both sides see the same clips in the same order, so steps can be compared in pairs.
+        row[f"{side}_step_seconds"] = [round(t, 4) for t in result.step_seconds]
         row[f"{side}_errors"] = "; ".join(e.splitlines()[0] for e in result.errors) or None
     row["errors"] = (
         "; ".join(f"{side}: {row[f'{side}_errors']}" for side in results if row.get(f"{side}_errors")) or None

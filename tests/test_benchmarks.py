@@ -122,6 +122,7 @@ def test_collect_and_summarize_use_only_timed_steps() -> None:
     assert row["ours_cpu_s_per_iter"] == 4.0 and row["reference_cpu_s_per_iter"] is None
     assert row["ours_mfu"] == pytest.approx(8e9 / 3.0 / 1e9)
     assert row["ours_gflop_per_step"] == 8.0
+    assert row["ours_step_seconds"] == [2.0, 3.0, 4.0] and row["reference_step_seconds"] == [6.0]
 
 
 def test_mask_iou_averages_frames_and_objects(tmp_path: Path) -> None:
