@@ -148,7 +148,7 @@ def main() -> None:
             for _ in range(2):
                 forward_backward()
             common.sync_device()
-        sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+        sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=40)
         Path(args.out).with_name("profile.txt").write_text(table)
         record["ops_per_call"] = sum(e.count for e in prof.key_averages()) / 2
