@@ -242,3 +242,19 @@ def test_component_benchmark_runs_both_sides_on_the_same_weights(reference, tmp_
         # Same weights and inputs: in float32 the two sides' eval-mode outputs agree to rounding.
         assert row["output_rel_error"] < 1e-5, row
         assert (tmp_path / f"components_{row['component']}_ours_profile.txt").is_file()
+
+
+def test_alternating_runs_alternate_sides_and_keep_going_after_a_failure() -> None:
+    calls = []
+
+    def run(side: str, run_index: int) -> dict:
+        calls.append((side, run_index))
+        if (side, run_index) == ("ours", 1):
+            raise common.ChildFailed("exit 1: boom")
+        return {"side": side, "run": run_index}
+
+    records, errors = common.alternating_runs("case", ["reference", "ours"], 3, run)
+    assert calls == [("reference", 0), ("ours", 0), ("ours", 1), ("reference", 1), ("reference", 2), ("ours", 2)]
+    assert [r["run"] for r in records["reference"]] == [0, 1, 2]
+    assert [r["run"] for r in records["ours"]] == [0, 2]
+    assert errors == {"reference": [], "ours": ["exit 1: boom"]}
