@@ -87,9 +87,9 @@ class MultiScaleAttention(nn.Module):
     # batches (whole windows, last column, last row, corner), which skips the padded queries'
     # FLOPs (two thirds of the tokens at 256 px). True: all windows as one batch, queries at the
     # padding included and their outputs cropped, as the official code does: a quarter of the
-    # attention calls and none of the split/merge copies, for the GPU, where a training step's
-    # time goes to dispatching ops rather than to FLOPs. None: False on the CPU, True elsewhere.
-    # Outputs and gradients are the same either way.
+    # attention calls and none of the split/merge copies, for the GPU, where training steps
+    # measured host-bound (MFU 6-11 % on an H200), so ops dispatched cost more than FLOPs.
+    # None: False on the CPU, True elsewhere. Outputs and gradients are the same either way.
     attend_padding: bool | None = None
 
     def __init__(self, dim: int, dim_out: int, num_heads: int, q_pool: nn.Module | None = None) -> None:
