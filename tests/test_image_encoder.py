@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sam2.modeling.backbones.hieradet import Hiera
+from sam2.modeling.backbones.hieradet import Hiera, MultiScaleAttention
 from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
 from sam2.modeling.position_encoding import PositionEmbeddingSine
 from tests.reference import assert_close_scaled
-from tests.test_hiera import TINY
+from tests.test_hiera import TINY, attend_padding
 
 pytestmark = pytest.mark.reference
 
@@ -47,7 +47,7 @@ def _loss(out: dict) -> torch.Tensor:
 def ref_out(reference):
     return reference.run(
         """
-        from sam2.modeling.backbones.hieradet import Hiera
+        from sam2.modeling.backbones.hieradet import Hiera, MultiScaleAttention
         from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
         from sam2.modeling.position_encoding import PositionEmbeddingSine
 
@@ -83,7 +83,9 @@ def ref_out(reference):
 
 @pytest.mark.parametrize("size", list(IMAGE_SIZES))
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_encoder_outputs_match_reference(ref_out, variant, size):
+@attend_padding
+def test_encoder_outputs_match_reference(ref_out, variant, size, attend_padding, monkeypatch):
+    monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend_padding)
     encoder = _build(VARIANTS[variant])
     encoder.load_state_dict(ref_out[variant]["state_dict"], strict=True)
     with torch.no_grad():
@@ -98,7 +100,9 @@ def test_encoder_outputs_match_reference(ref_out, variant, size):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_encoder_gradients_match_reference(ref_out, variant):
+@attend_padding
+def test_encoder_gradients_match_reference(ref_out, variant, attend_padding, monkeypatch):
+    monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend_padding)
     encoder = _build(VARIANTS[variant])
     encoder.load_state_dict(ref_out[variant]["state_dict"], strict=True)
     img = _images()["wide_64x96"].requires_grad_(True)
