@@ -67,10 +67,11 @@ def make_call(module: torch.nn.Module, args: argparse.Namespace) -> Callable[[],
 
         return lambda: module(images)["backbone_fpn"]
     # One frame's memory attention as a training clip's last frame sees it: `memory_frames`
-    # spatial memories and the object pointers of every earlier frame (4 tokens of 64 per pointer).
+    # spatial memories and the object pointers of every earlier frame, each pointer split into
+    # d_model / kv_dim tokens of the memory width (4 of 64 in the official configs).
     hw = (args.resolution // 16) ** 2
-    d_model, kv_dim = module.d_model, 64
-    ptr_tokens = 4 * min(args.memory_frames, 16)
+    d_model, kv_dim = module.d_model, module.layers[0].cross_attn_image.kv_in_dim
+    ptr_tokens = d_model // kv_dim * min(args.memory_frames, 16)
     curr = torch.randn(hw, args.batch, d_model, generator=gen).to(args.device)
     curr_pos = torch.randn(hw, args.batch, d_model, generator=gen).to(args.device)
     memory = torch.randn(args.memory_frames * hw + ptr_tokens, args.batch, kv_dim, generator=gen).to(args.device)

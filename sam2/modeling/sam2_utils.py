@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, ContextManager
 
 import torch
@@ -147,7 +146,7 @@ def _build_resize_matrix(size_in: int, size_out: int, mode: str, dtype: torch.dt
     return F.interpolate(basis, size=(size_out, 1), mode=mode, align_corners=False)[:, 0, :, 0].T
 
 
-_cached_resize_matrix = functools.lru_cache(maxsize=64)(_build_resize_matrix)
+_cached_resize_matrix = lru_cache(maxsize=64)(_build_resize_matrix)
 
 
 def get_activation_fn(activation: str) -> Callable[[Tensor], Tensor]:
