@@ -249,6 +249,30 @@ def test_window_max_pool_keeps_bool_winners_and_gives_max_pool2d_gradients(hw):
     assert (outs[0][1] != 0).sum() == grad.numel()
 
 
+@pytest.mark.parametrize("hw", [(64, 64), (68, 44), (36, 100), (124, 60)])
+def test_both_padded_window_paths_agree_in_float64(hw, monkeypatch):
+    """Cut windows of every kind: pooled ones whose last run keeps fewer query rows than it has real
+    tokens, or none at all (the run is dropped), and windows cut in one direction only."""
+    torch.manual_seed(0)
+    net = Hiera(embed_dim=8, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
+                window_pos_embed_bkg_spatial_size=(4, 4), window_spec=(4, 6, 6, 2)).double()  # fmt: skip
+    results, weights = [], None
+    for attend in (True, False):
+        monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend)
+        net.zero_grad(set_to_none=True)
+        image = torch.randn(2, 3, *hw, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        image.requires_grad_(True)
+        features = net(image)
+        weights = weights or [torch.randn(f.shape, dtype=f.dtype) for f in features]
+        _weighted_sum(features, weights).backward()
+        grads = {name: p.grad for name, p in net.named_parameters()}
+        results.append(([f.detach() for f in features], image.grad, grads))
+    (features, image_grad, grads), (cut_features, cut_image_grad, cut_grads) = results
+    torch.testing.assert_close(cut_features, features, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(cut_image_grad, image_grad, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(cut_grads, grads, rtol=1e-12, atol=1e-13)
+
+
 @attend_padding
 def test_padded_windows_stay_in_autocast_precision(attend_padding, monkeypatch):
     """Under autocast the bias padding takes the projection's dtype: the windows reach attention
@@ -270,6 +294,8 @@ def test_padded_windows_stay_in_autocast_precision(attend_padding, monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         features = net(image)
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+    if not attend_padding:  # the windows are cut without `window_partition`
+        return
     # A float32 pad, as before: the promoted windows are cast back to bfloat16 for attention.
     partition = hieradet.window_partition
     monkeypatch.setattr(

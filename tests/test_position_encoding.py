@@ -8,7 +8,7 @@ from sam2.modeling.position_encoding import (
     PositionEmbeddingRandom,
     PositionEmbeddingSine,
     get_1d_sine_pe,
-    rotate_pairs,
+    rotate_halves,
 )
 from tests.reference import assert_close
 
@@ -125,21 +125,33 @@ def test_1d_sine_matches_reference(ref_out):
     assert_close(get_1d_sine_pe(pos[None], dim=8, temperature=100), ref_out["sine_1d_temp"])
 
 
+def _in_halves_order(x: torch.Tensor, heads: int = 1) -> torch.Tensor:
+    """Official-layout channels (pairs side by side) -> halves order, as the projections give them."""
+    return x[..., AxialRotaryTables(x.shape[-1] // heads).halves_order(heads, x.device)]
+
+
 def test_axial_rotation_matches_reference_complex_rotation(ref_out):
+    """In halves order, our rotation is the official complex one (its pairs side by side)."""
     i = _inputs()
     cos, sin = AxialRotaryTables(16).get(4, 3, torch.device("cpu"))
-    assert_close(rotate_pairs(i["xq"], cos, sin), ref_out["rope_q"])
-    assert_close(rotate_pairs(i["xk"], cos.repeat(3, 1), sin.repeat(3, 1)), ref_out["rope_k"])
+    assert_close(rotate_halves(_in_halves_order(i["xq"]), cos, sin), _in_halves_order(ref_out["rope_q"]))
+    # Keys of three frames of the 12-token grid: the same tables turn every frame.
+    assert_close(rotate_halves(_in_halves_order(i["xk"]), cos, sin, num_rotated=36), _in_halves_order(ref_out["rope_k"]))
+
+
+def test_halves_order_takes_each_heads_pairs_apart():
+    order = AxialRotaryTables(4).halves_order(2, torch.device("cpu"))
+    assert order.tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
 def test_axial_rotation_preserves_pair_norms_and_dtype():
     x = torch.randn(2, 1, 9, 8, dtype=torch.bfloat16)
     cos, sin = AxialRotaryTables(8).get(3, 3, torch.device("cpu"))
-    y = rotate_pairs(x, cos, sin)
+    y = rotate_halves(x, cos, sin)
     assert y.dtype == torch.bfloat16
 
     def pair_norms(t: torch.Tensor) -> torch.Tensor:
-        return t.float().unflatten(-1, (-1, 2)).norm(dim=-1)
+        return torch.stack(t.float().chunk(2, dim=-1), dim=-1).norm(dim=-1)
 
     torch.testing.assert_close(pair_norms(y), pair_norms(x), rtol=2e-2, atol=2e-2)
     # Token 0 sits at the origin of the grid: no rotation at all.
@@ -152,24 +164,25 @@ def test_axial_tables_reject_head_dims_not_divisible_by_four():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pair_rotation_values_and_gradients_are_autograds_of_the_written_out_form(dtype):
-    from sam2.modeling.position_encoding import rotate_pairs_with
-
-    cos, signed_sin = AxialRotaryTables(8).get_pair_tables(3, 2, torch.device("cpu"))
-    # Keys of three memory frames: [B, heads, frames, N, D], the tables broadcast over frames.
-    x = torch.randn(2, 1, 3, 6, 8, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
-    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+def test_half_rotation_values_and_gradients_are_the_written_out_rotations(dtype):
+    """Three memory frames' keys and two unturned pointer tokens: `[B, heads, 3 * N + 2, D]`."""
+    cos, sin = AxialRotaryTables(8).get(3, 2, torch.device("cpu"))
+    x = torch.randn(2, 1, 3 * 6 + 2, 8, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     def written_out(t):
-        pairs = t.float().unflatten(-1, (-1, 2))
-        re, im = pairs.unbind(-1)
-        c, s = cos[..., 0], signed_sin[..., 1]
-        return torch.stack((re * c - im * s, im * c + re * s), dim=-1).flatten(-2).type_as(t)
+        frames, pointers = t.double()[:, :, :18].unflatten(-2, (3, 6)), t.double()[:, :, 18:]
+        a, b = frames.chunk(2, dim=-1)
+        c, s = cos.double(), sin.double()
+        return torch.cat((torch.cat((a * c - b * s, b * c + a * s), dim=-1).flatten(2, 3), pointers), dim=2)
 
-    out = rotate_pairs_with(x, cos, signed_sin)
-    (grad,) = torch.autograd.grad((out.float() * weights).sum(), x)
+    out = rotate_halves(x, cos, sin, num_rotated=18)
+    (grad,) = torch.autograd.grad((out.double() * weights).sum(), x)
     expected = written_out(x)
-    (expected_grad,) = torch.autograd.grad((expected.float() * weights).sum(), x)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    assert out.dtype == dtype and grad.dtype == dtype
+    # Float32 arithmetic inside, rounded once to the input's dtype.
+    tol = {"rtol": 0, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
+    torch.testing.assert_close(out.double(), expected.to(dtype).double(), **tol)
+    torch.testing.assert_close(grad.double(), expected_grad.to(dtype).double(), **tol)
+    assert torch.equal(out[:, :, 18:], x[:, :, 18:])

@@ -194,7 +194,7 @@ def test_rope_tables_are_one_per_grid_whatever_the_number_of_memory_frames():
             keys = torch.randn(1, 9 * frames + 2, DIM)
             layer(q, keys, keys, num_k_exclude_rope=2)
     head_dim = DIM // HEADS
-    grids = [key for key in AxialRotaryTables._pair_tables if key[0] == head_dim and key[2:4] == (3, 3)]
+    grids = [key for key in AxialRotaryTables._tables if key[0] == head_dim and key[2:4] == (3, 3)]
     assert len(grids) == 1, grids
 
 

@@ -181,13 +181,15 @@ class AxialRotaryTables:
     Each attention head's `head_dim` channels form `head_dim / 2` rotation pairs: the first half
     of the pairs turn with the token's column (x), the second half with its row (y), at
     frequencies `theta ** (-4 i / head_dim)`. Tokens are ordered row by row (x fastest).
-    Rotations run in float32 whatever the input dtype, in real arithmetic, so they work under
-    bfloat16 autocast and `torch.compile`.
+    In the official layout pair `i` is channels `(2i, 2i+1)` of a head; `rotate_halves` takes
+    them in the order `halves_order` gives. Rotations run in float32 whatever the input
+    dtype, in real arithmetic, so they work under bfloat16 autocast and `torch.compile`.
     """
 
-    # Pair tables per (head_dim, theta, end_x, end_y, device), shared by every instance: the
-    # memory attention's layers all use the same ones (8 copies were 64 MiB at 1024 px).
-    _pair_tables: ClassVar[dict[tuple[int, float, int, int, torch.device], tuple[Tensor, Tensor]]] = {}
+    # Tables per (head_dim, theta, end_x, end_y, device), shared by every instance: the memory
+    # attention's layers all use the same ones (8 copies were 64 MiB at 1024 px).
+    _tables: ClassVar[dict[tuple[int, float, int, int, torch.device], tuple[Tensor, Tensor]]] = {}
+    _orders: ClassVar[dict[tuple[int, int, torch.device], Tensor]] = {}
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         if head_dim % 4 != 0:
@@ -205,68 +207,75 @@ class AxialRotaryTables:
         return torch.cat([torch.outer(col, freqs), torch.outer(row, freqs)], dim=-1)
 
     def get(self, end_x: int, end_y: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(cos, sin), each `[end_x * end_y, head_dim / 2]` float32 on `device`."""
-        angles = self.angles(end_x, end_y).to(device)
-        return angles.cos(), angles.sin()
-
-    def get_pair_tables(self, end_x: int, end_y: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The tables in the form `rotate_pairs_with` takes: `(cos, signed_sin)`, each
-        `[end_x * end_y, head_dim / 2, 2]`, `cos` twice per pair and `sin` as `(-sin, sin)`.
-        Cached per size and device. Keys spanning several grids (memory frames) broadcast them
-        over the frames rather than repeat them, so one table serves any number of memories."""
+        """(cos, sin), each `[end_x * end_y, head_dim / 2]` float32 on `device`, cached per size and
+        device. Keys spanning several grids (memory frames) broadcast them over the frames rather
+        than repeat them, so one table serves any number of memories."""
         key = (self.head_dim, self.theta, end_x, end_y, torch.device(device))
-        tables = self._pair_tables.get(key)
+        tables = self._tables.get(key)
         if tables is None:
             # Plain tensors even when first asked for under inference mode, so that training
             # can save them for backward later.
             with torch.inference_mode(False):
-                cos, sin = self.get(end_x, end_y, device)
-                tables = (torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
-            self._pair_tables[key] = tables
+                angles = self.angles(end_x, end_y).to(device)
+                tables = (angles.cos(), angles.sin())
+            self._tables[key] = tables
         return tables
 
+    def halves_order(self, num_heads: int, device: torch.device) -> Tensor:
+        """Indices `[num_heads * head_dim]` putting each head's channels in halves order: the first
+        channel of every pair, then the second (`0, 2, 4, ..., 1, 3, 5, ...` within a head).
+        Permuting the rows of the query and key projections by it turns both alike, so attention
+        scores (sums over channels) are those of the official layout."""
+        key = (self.head_dim, num_heads, torch.device(device))
+        order = self._orders.get(key)
+        if order is None:
+            with torch.inference_mode(False):
+                within = torch.arange(self.head_dim).view(-1, 2).t().flatten()
+                heads = torch.arange(num_heads).unsqueeze(1) * self.head_dim
+                order = (heads + within).flatten().to(device)
+            self._orders[key] = order
+        return order
 
-def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs `(x[2i], x[2i+1])` of `x` `[..., N, D]` by the angles of `cos`/`sin` `[N, D/2]`.
 
-    Same as multiplying the pairs, read as complex numbers, by `cos + i sin`. Returns `x`'s dtype.
+def rotate_halves(x: Tensor, cos: Tensor, sin: Tensor, num_rotated: int | None = None) -> Tensor:
+    """Rotate the channel pairs `(x[i], x[D/2 + i])` of `x` `[..., L, D]` by the angles of
+    `cos`/`sin` `[N, D/2]`: `(a, b) -> (a cos - b sin, b cos + a sin)`.
+
+    The first `num_rotated` tokens (default: all `L`) are whole grids of `N` tokens, each turned
+    by the same tables (memory frames); the rest (object pointers) are copied unturned. One
+    autograd node; returns `x`'s dtype, computed in float32. With each pair's two channels
+    `D/2` apart, every operand is a contiguous run of channels (pairs side by side took a
+    channel swap, a slow copy on the CPU).
     """
-    return rotate_pairs_with(x, torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1))
+    return _HalfRotation.apply(x, cos, sin, x.shape[-2] if num_rotated is None else num_rotated)
 
 
-def rotate_pairs_with(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """`rotate_pairs` with the tables of `AxialRotaryTables.get_pair_tables` (`[N, D/2, 2]`, which
-    broadcast over any dims of `x` before `N`).
-
-    `(re, im) -> (re cos - im sin, im cos + re sin)`, written as `pairs * cos + swapped * (-sin, sin)`:
-    four kernels instead of seven, and bit-identical to the written-out form (a negated factor
-    and a swapped addition round the same).
-    """
-    return _PairRotation.apply(x, cos, signed_sin)
-
-
-class _PairRotation(torch.autograd.Function):
-    """The rotation of `rotate_pairs_with` as one autograd node. Its gradient is the inverse
-    rotation of the incoming gradient, `g * cos - swapped(g) * (-sin, sin)`, bit for bit what
-    autograd derives from the forward formula (`swapped(g * s) = -swapped(g) * s` exactly), in
-    four kernels. Both directions scale and add the swapped pairs in place: two fresh tensors
-    instead of four (at a memory frame's size the allocations cost a third of the rotation's
-    time on the CPU), and only the tables are kept for backward."""
+class _HalfRotation(torch.autograd.Function):
+    """`rotate_halves` with its gradient, the inverse rotation of the incoming gradient, in the
+    same four kernels; only the tables are kept for backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-        ctx.save_for_backward(cos, signed_sin)
-        return _rotate(x, cos, signed_sin, inverse=False)
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor, num_rotated: int) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.num_rotated = num_rotated
+        return _rotate(x, cos, sin, num_rotated, inverse=False)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        cos, signed_sin = ctx.saved_tensors
-        return _rotate(grad, cos, signed_sin, inverse=True), None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, ctx.num_rotated, inverse=True), None, None, None
 
 
-def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor, inverse: bool) -> Tensor:
-    pairs = x.float().unflatten(-1, (-1, 2))
-    swapped = pairs.flip(-1).mul_(signed_sin)
-    rotated = pairs * cos
-    rotated = rotated.sub_(swapped) if inverse else rotated.add_(swapped)
-    return rotated.flatten(-2).to(x.dtype)
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, num_rotated: int, inverse: bool) -> Tensor:
+    source = x.float()
+    out = torch.empty_like(source)
+    half = x.shape[-1] // 2
+    grids = (num_rotated // cos.shape[0], cos.shape[0])
+    a, b = (source[..., :num_rotated, :].unflatten(-2, grids).split(half, dim=-1))
+    out_a, out_b = out[..., :num_rotated, :].unflatten(-2, grids).split(half, dim=-1)
+    sign = 1.0 if inverse else -1.0
+    torch.mul(a, cos, out=out_a).addcmul_(b, sin, value=sign)
+    torch.mul(b, cos, out=out_b).addcmul_(a, sin, value=-sign)
+    if num_rotated < x.shape[-2]:
+        out[..., num_rotated:, :] = source[..., num_rotated:, :]
+    return out.to(x.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from functools import partial
 from itertools import accumulate
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -178,53 +178,105 @@ class MultiScaleAttention(nn.Module):
         row, the corner) attend as one batch each. Returns a function building the contiguous
         `[B, H', W', dim_out]` output from the attention's outputs."""
         batch, height, width, _ = qkv.shape
-        pad = self.qkv.bias[self.dim_out :].to(qkv.dtype)  # see forward: no float32 promotion under autocast
-        kv = window_partition(qkv[..., self.dim_out :], window_size, pad_value=pad)[0]
         stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
         row_runs = _window_runs(height, window_size, stride_h)
         col_runs = _window_runs(width, window_size, stride_w)
-        rows, cols = (-(-side // window_size) for side in (height, width))
-        kv = kv.reshape(batch, rows, cols, window_size**2, 2, self.num_heads, -1)
-        # Split rather than slice per run: a split's backward is one concatenation.
-        q_bands = _split_runs(qkv[..., : self.dim_out], row_runs, dim=1)
-        kv_bands = _split_runs(kv, row_runs, dim=1, in_windows=True)
+        pad = self.qkv.bias[self.dim_out :].to(qkv.dtype)  # see forward: no float32 promotion under autocast
+        cells = _WindowCells.apply(qkv, pad, window_size, row_runs, col_runs)
         attended = []
-        for (num_rows, run_h), q_band, kv_band in zip(row_runs, q_bands, kv_bands):
-            q_cells = _split_runs(q_band, col_runs, dim=2)
-            kv_cells = _split_runs(kv_band, col_runs, dim=2, in_windows=True)
-            for (num_cols, run_w), q, kv_cell in zip(col_runs, q_cells, kv_cells):
-                q = q.reshape(batch, num_rows, run_h, num_cols, run_w, -1).transpose(2, 3)
-                q = self._split_heads(q.reshape(-1, run_h, run_w, self.dim_out))
-                k, v = kv_cell.flatten(0, 2).unbind(2)
-                attended.append(F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2)))
+        for q, k, v in zip(cells[0::3], cells[1::3], cells[2::3]):
+            k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (k, v))
+            attended.append(F.scaled_dot_product_attention(self._split_heads(q), k, v))
 
         def tokens() -> Tensor:
             pieces = iter(attended)
             bands = []
-            for num_rows, run_h in row_runs:
+            for rows in row_runs:
                 band = []
-                for num_cols, run_w in col_runs:
-                    out_h, out_w = run_h // stride_h, run_w // stride_w
-                    out = self._merge_heads(next(pieces), (batch, num_rows, num_cols, out_h, out_w))
-                    band.append(out.transpose(2, 3).reshape(batch, num_rows * out_h, num_cols * out_w, -1))
+                for cols in col_runs:
+                    out_h, out_w = rows.queries // stride_h, cols.queries // stride_w
+                    out = self._merge_heads(next(pieces), (batch, rows.count, cols.count, out_h, out_w))
+                    band.append(out.transpose(2, 3).reshape(batch, rows.count * out_h, cols.count * out_w, -1))
                 bands.append(torch.cat(band, dim=2))
             return torch.cat(bands, dim=1)
 
         return tokens
 
 
-def _window_runs(size: int, window_size: int, stride: int) -> list[tuple[int, int]]:
-    """The windows along one side of a map, as runs `(count, real extent)`: the whole windows, then
-    the window that padding cuts. Extents are trimmed to whole pooling strides (the rest is cropped
-    from the pooled output), and runs left empty are dropped."""
+class _Run(NamedTuple):
+    """Windows along one side of a map that the padding cuts alike: `count` windows from token
+    `start`, each holding `real` real tokens (the rest is padding), queries at the first `queries`."""
+
+    count: int
+    start: int
+    real: int
+    queries: int
+
+
+def _window_runs(size: int, window_size: int, stride: int) -> list[_Run]:
+    """The windows along one side of a map: the whole windows, then the window that padding cuts.
+    Query extents are trimmed to whole pooling strides (the rest is cropped from the pooled
+    output), and runs left without queries are dropped (their keys serve no query)."""
     whole, cut = divmod(size, window_size)
-    return [(count, extent) for count, extent in ((whole, window_size), (1, cut // stride * stride)) if count and extent]
+    runs = [_Run(whole, 0, window_size, window_size), _Run(1, whole * window_size, cut, cut // stride * stride)]
+    return [run for run in runs if run.count and run.queries]
 
 
-def _split_runs(x: Tensor, runs: list[tuple[int, int]], dim: int, in_windows: bool = False) -> tuple[Tensor, ...]:
-    """Split `x` along `dim` into one part per run (in tokens, or `in_windows`), dropping the rest."""
-    sizes = [count if in_windows else count * extent for count, extent in runs]
-    return x.split([*sizes, x.shape[dim] - sum(sizes)], dim=dim)[: len(runs)]
+class _WindowCells(torch.autograd.Function):
+    """Cut `qkv [B, H, W, 3C]` into the windows of each (row run, column run) cell: per cell the
+    queries of its real tokens `[N, queries_h, queries_w, C]`, and keys and values `[N, ws * ws, C]`
+    padded with the `pad [2C]` token. The gradient goes straight into one `[B, H, W, 3C]` buffer,
+    the padding's summed into `pad`'s: what window partitioning, padding by concatenation and
+    splitting per cell took some ten copies of the map to do, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, pad: Tensor, window_size: int, row_runs: list[_Run], col_runs: list[_Run]):
+        batch, _, _, channels = qkv.shape
+        dim = channels // 3
+        ctx.shape, ctx.window_size, ctx.runs = qkv.shape, window_size, (row_runs, col_runs)
+        outputs = []
+        for rows in row_runs:
+            for cols in col_runs:
+                q = _cell_view(qkv[..., :dim], rows, cols, rows.queries, cols.queries).contiguous()
+                outputs.append(q.flatten(0, 2))
+                for part, pad_part in zip((qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]), pad.split(dim)):
+                    windows = qkv.new_empty(batch, rows.count, cols.count, window_size, window_size, dim)
+                    windows[..., : rows.real, : cols.real, :] = _cell_view(part, rows, cols, rows.real, cols.real)
+                    windows[..., rows.real :, :, :] = pad_part
+                    windows[..., : rows.real, cols.real :, :] = pad_part
+                    outputs.append(windows.view(-1, window_size * window_size, dim))
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        row_runs, col_runs = ctx.runs
+        batch, height, width, channels = ctx.shape
+        dim, window_size = channels // 3, ctx.window_size
+        # Tokens no query reads (cut off by the pooling stride, or in a dropped run) get zeros.
+        covered = sum(r.count * r.real for r in row_runs) == height and sum(c.count * c.real for c in col_runs) == width
+        trimmed = any(run.queries != run.real for run in (*row_runs, *col_runs))
+        grad_qkv = grads[0].new_empty(ctx.shape) if covered and not trimmed else grads[0].new_zeros(ctx.shape)
+        grad_pad = grads[0].new_zeros(2, dim, dtype=torch.promote_types(grads[0].dtype, torch.float32))
+        cells = iter(grads)
+        for rows in row_runs:
+            for cols in col_runs:
+                grad_q = next(cells).view(batch, rows.count, cols.count, rows.queries, cols.queries, dim)
+                _cell_view(grad_qkv[..., :dim], rows, cols, rows.queries, cols.queries).copy_(grad_q)
+                for part in range(2):
+                    grad = next(cells).reshape(batch, rows.count, cols.count, window_size, window_size, dim)
+                    target = grad_qkv[..., (part + 1) * dim : (part + 2) * dim]
+                    _cell_view(target, rows, cols, rows.real, cols.real).copy_(grad[..., : rows.real, : cols.real, :])
+                    grad_pad[part] += grad[..., rows.real :, :, :].sum((0, 1, 2, 3, 4))
+                    grad_pad[part] += grad[..., : rows.real, cols.real :, :].sum((0, 1, 2, 3, 4))
+        return grad_qkv, grad_pad.flatten().to(grads[0].dtype), None, None, None
+
+
+def _cell_view(x: Tensor, rows: _Run, cols: _Run, height: int, width: int) -> Tensor:
+    """The `[B, rows.count, cols.count, height, width, C]` view of `x [B, H, W, C]` holding the first
+    `height` x `width` tokens of every window of one cell."""
+    x = x[:, rows.start : rows.start + rows.count * rows.real, cols.start : cols.start + cols.count * cols.real]
+    x = x.unflatten(1, (rows.count, rows.real)).unflatten(3, (cols.count, cols.real)).transpose(2, 3)
+    return x[:, :, :, :height, :width]
 
 
 class MultiScaleBlock(nn.Module):

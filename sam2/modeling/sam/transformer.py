@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sam2.modeling.position_encoding import AxialRotaryTables, rotate_pairs_with
+from sam2.modeling.position_encoding import AxialRotaryTables, rotate_halves
 from sam2.modeling.sam2_utils import MLP
 
 
@@ -112,6 +112,27 @@ class RoPEAttention(Attention):
             )
         return side, side
 
+    def _project_to_heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """As `Attention`'s, with query and key channels in the halves order `rotate_halves` takes.
+
+        The rows of both projections are permuted alike (a gather of the weights, not of the
+        activations), so the attention scores are those of the official channel order.
+        A projection that is not a plain `nn.Linear` (an adapter, a hooked layer) runs as it
+        is and its output channels are permuted instead.
+        """
+        order = self.rope.halves_order(self.num_heads, q.device)
+
+        def project(linear: nn.Module, x: Tensor) -> Tensor:
+            if type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks):
+                bias = None if linear.bias is None else linear.bias[order]
+                out = F.linear(x, linear.weight[order], bias)
+            else:
+                out = linear(x)[..., order]
+            return out.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        v = self.v_proj(v).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        return project(self.q_proj, q), project(self.k_proj, k), v
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, num_k_exclude_rope: int = 0) -> Tensor:
         """Queries `[B, Nq, C]`, keys/values `[B, Nk, kv_in_dim]` -> `[B, Nq, C]`.
 
@@ -123,9 +144,8 @@ class RoPEAttention(Attention):
             raise ValueError(
                 f"{num_keys} keys for {num_queries} queries: keys spanning several grids need rope_k_repeat=True"
             )
-        grid = self._grid_size(num_queries)
-        q = rotate_pairs_with(q, *self.rope.get_pair_tables(*grid, device=q.device))
-
+        cos, sin = self.rope.get(*self._grid_size(num_queries), device=q.device)
+        q = rotate_halves(q, cos, sin)
         num_k_rope = num_keys - num_k_exclude_rope
         if num_k_rope > 0:
             if num_k_rope % num_queries != 0:
@@ -134,9 +154,7 @@ class RoPEAttention(Attention):
                     f"a whole number of {num_queries}-token grids"
                 )
             # Each memory frame's keys turn like the queries: one grid's tables, broadcast over frames.
-            frames = k[:, :, :num_k_rope].unflatten(-2, (num_k_rope // num_queries, num_queries))
-            rotated = rotate_pairs_with(frames, *self.rope.get_pair_tables(*grid, device=k.device)).flatten(-3, -2)
-            k = torch.cat((rotated, k[:, :, num_k_rope:]), dim=-2) if num_k_exclude_rope > 0 else rotated
+            k = rotate_halves(k, cos, sin, num_rotated=num_k_rope)
         return self._attend(q, k, v)
 
 
