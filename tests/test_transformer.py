@@ -207,3 +207,28 @@ def test_rope_tables_first_built_under_inference_mode_serve_training():
     keys = torch.randn(1, 50, DIM, requires_grad=True)
     module(x, keys, keys).sum().backward()
     assert keys.grad is not None and keys.grad.abs().sum() > 0
+
+
+def test_rope_attention_with_an_adapted_projection_permutes_its_outputs_instead():
+    """A hooked (or adapter-wrapped) projection runs as it is: same outputs and gradients as the
+    weight-gather path, with the hook seeing the official channel order."""
+    torch.manual_seed(0)
+    module = RoPEAttention(embedding_dim=DIM, num_heads=HEADS, feat_sizes=(3, 3), rope_k_repeat=True)
+    q = torch.randn(2, 9, DIM)
+    keys = torch.randn(2, 9 * 2 + 3, DIM)
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        out = module(q, keys, keys, num_k_exclude_rope=3)
+        out.square().sum().backward()
+        return out.detach(), {name: p.grad for name, p in module.named_parameters()}
+
+    plain_out, plain_grads = run()
+    seen = []
+    hooks = [proj.register_forward_hook(lambda m, i, o: seen.append(o.detach())) for proj in (module.q_proj, module.k_proj)]
+    hooked_out, hooked_grads = run()
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(hooked_out, plain_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hooked_grads, plain_grads, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen[0], torch.nn.functional.linear(q, module.q_proj.weight, module.q_proj.bias))

@@ -271,7 +271,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, num_rotated: int, inverse: bool
     out = torch.empty_like(source)
     half = x.shape[-1] // 2
     grids = (num_rotated // cos.shape[0], cos.shape[0])
-    a, b = (source[..., :num_rotated, :].unflatten(-2, grids).split(half, dim=-1))
+    a, b = source[..., :num_rotated, :].unflatten(-2, grids).split(half, dim=-1)
     out_a, out_b = out[..., :num_rotated, :].unflatten(-2, grids).split(half, dim=-1)
     sign = 1.0 if inverse else -1.0
     torch.mul(a, cos, out=out_a).addcmul_(b, sin, value=sign)
