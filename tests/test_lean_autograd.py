@@ -214,6 +214,26 @@ def test_other_saved_tensor_hooks_keep_control():
     out.backward()
 
 
+
+def test_meta_tensors_are_not_rebuilt_and_hiera_traces_on_meta():
+    """Meta tensors have no storage to tell apart (every one reads as address 0), so a rebuild
+    would stand in for any saved tensor: the context is a no-op there. Shape-only runs on the
+    meta device (FLOP counting, memory planning) go through forward and backward."""
+    from sam2.modeling.backbones import hieradet
+    from tests.test_hiera import TINY
+
+    x = torch.empty(4, 4, device="meta", requires_grad=True)
+    weight = torch.empty(4, 4, device="meta", requires_grad=True)
+    with rebuilt_in_backward(x * 2, lambda: pytest.fail("a meta tensor was rebuilt")):
+        out = (x * 2) @ weight
+    out.sum().backward()
+    trunk = hieradet.Hiera(**TINY).train().to("meta")
+    features = trunk(torch.empty(2, 3, 96, 96, device="meta", requires_grad=True))
+    sum(f.sum() for f in features).backward()
+    assert [tuple(f.shape[2:]) for f in features] == [(24, 24), (12, 12), (6, 6), (3, 3)]
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in trunk.parameters())
+
+
 @pytest.mark.parametrize("autocast", [False, True])  # backward runs without autocast: rebuilds must not care
 @pytest.mark.parametrize("size", [64, 96])  # 96 px pads windows and crops pooled ones
 def test_hiera_rebuilds_change_no_output_or_gradient(monkeypatch, size, autocast):

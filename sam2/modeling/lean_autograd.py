@@ -35,7 +35,7 @@ def rebuilt_in_backward(tensor: Tensor, rebuild: Callable[[], Tensor]) -> Contex
             keeps anyway (or it keeps them alive and saves nothing).
 
     Contexts nest: each rebuilds its own tensor and hands the rest to the enclosing one. Outside
-    autograd, for a tensor laid out otherwise, while `torch.compile` traces, or under other
+    autograd, for a tensor laid out otherwise or on the meta device, while `torch.compile` traces, or under other
     saved-tensor hooks (activation checkpointing, offloading: they decide what is kept), this is
     a no-op context.
     """
@@ -45,6 +45,8 @@ def rebuilt_in_backward(tensor: Tensor, rebuild: Callable[[], Tensor]) -> Contex
     if outer is not None and not getattr(outer[0], "_rebuilds", False):
         return contextlib.nullcontext()
     if not (torch.is_grad_enabled() and tensor.is_contiguous() and tensor.storage_offset() == 0):
+        return contextlib.nullcontext()
+    if tensor.device.type == "meta":  # no storage address to tell tensors apart by
         return contextlib.nullcontext()
     outer_pack = outer[0] if outer is not None else None
     storage = tensor.untyped_storage().data_ptr()
@@ -69,7 +71,7 @@ def autocast_matmul_dtype(x: Tensor) -> torch.dtype | None:
     the values are those autocast would have given.
     """
     device = x.device.type
-    if not (x.is_floating_point() and torch.is_autocast_enabled(device)):
+    if not (x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return None
     dtype = torch.get_autocast_dtype(device)
     return dtype if dtype != x.dtype else None
