@@ -8,6 +8,7 @@ from sam2.modeling.position_encoding import (
     PositionEmbeddingRandom,
     PositionEmbeddingSine,
     get_1d_sine_pe,
+    pairs_to_halves,
     rotate_halves,
 )
 from tests.reference import assert_close
@@ -125,9 +126,9 @@ def test_1d_sine_matches_reference(ref_out):
     assert_close(get_1d_sine_pe(pos[None], dim=8, temperature=100), ref_out["sine_1d_temp"])
 
 
-def _in_halves_order(x: torch.Tensor, heads: int = 1) -> torch.Tensor:
+def _in_halves_order(x: torch.Tensor) -> torch.Tensor:
     """Official-layout channels (pairs side by side) -> halves order, as the projections give them."""
-    return x[..., AxialRotaryTables(x.shape[-1] // heads).halves_order(heads, x.device)]
+    return pairs_to_halves(x, x.shape[-1])
 
 
 def test_axial_rotation_matches_reference_complex_rotation(ref_out):
@@ -140,8 +141,10 @@ def test_axial_rotation_matches_reference_complex_rotation(ref_out):
 
 
 def test_halves_order_takes_each_heads_pairs_apart():
-    order = AxialRotaryTables(4).halves_order(2, torch.device("cpu"))
-    assert order.tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    channels = torch.arange(8.0)
+    assert pairs_to_halves(channels, head_dim=4).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    rows = pairs_to_halves(torch.arange(8.0)[:, None].expand(8, 3), head_dim=4, dim=0)
+    assert rows[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
 def test_axial_rotation_preserves_pair_norms_and_dtype():

@@ -182,14 +182,13 @@ class AxialRotaryTables:
     of the pairs turn with the token's column (x), the second half with its row (y), at
     frequencies `theta ** (-4 i / head_dim)`. Tokens are ordered row by row (x fastest).
     In the official layout pair `i` is channels `(2i, 2i+1)` of a head; `rotate_halves` takes
-    them in the order `halves_order` gives. Rotations run in float32 whatever the input
+    them in the order `pairs_to_halves` gives. Rotations run in float32 whatever the input
     dtype, in real arithmetic, so they work under bfloat16 autocast and `torch.compile`.
     """
 
     # Tables per (head_dim, theta, end_x, end_y, device), shared by every instance: the memory
     # attention's layers all use the same ones (8 copies were 64 MiB at 1024 px).
     _tables: ClassVar[dict[tuple[int, float, int, int, torch.device], tuple[Tensor, Tensor]]] = {}
-    _orders: ClassVar[dict[tuple[int, int, torch.device], Tensor]] = {}
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         if head_dim % 4 != 0:
@@ -221,20 +220,14 @@ class AxialRotaryTables:
             self._tables[key] = tables
         return tables
 
-    def halves_order(self, num_heads: int, device: torch.device) -> Tensor:
-        """Indices `[num_heads * head_dim]` putting each head's channels in halves order: the first
-        channel of every pair, then the second (`0, 2, 4, ..., 1, 3, 5, ...` within a head).
-        Permuting the rows of the query and key projections by it turns both alike, so attention
-        scores (sums over channels) are those of the official layout."""
-        key = (self.head_dim, num_heads, torch.device(device))
-        order = self._orders.get(key)
-        if order is None:
-            with torch.inference_mode(False):
-                within = torch.arange(self.head_dim).view(-1, 2).t().flatten()
-                heads = torch.arange(num_heads).unsqueeze(1) * self.head_dim
-                order = (heads + within).flatten().to(device)
-            self._orders[key] = order
-        return order
+
+def pairs_to_halves(x: Tensor, head_dim: int, dim: int = -1) -> Tensor:
+    """Reorder the channels along `dim` (heads of `head_dim` channels, each pair side by side as in
+    the official layout) into halves order: per head the first channel of every pair, then the
+    second (`0, 2, 4, ..., 1, 3, 5, ...`), as `rotate_halves` takes them. A strided copy, whose
+    gradient is the inverse reordering."""
+    dim = dim % x.ndim
+    return x.unflatten(dim, (-1, head_dim // 2, 2)).transpose(dim + 1, dim + 2).flatten(dim, dim + 2)
 
 
 def rotate_halves(x: Tensor, cos: Tensor, sin: Tensor, num_rotated: int | None = None) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sam2.modeling.position_encoding import AxialRotaryTables, rotate_halves
+from sam2.modeling.position_encoding import AxialRotaryTables, pairs_to_halves, rotate_halves
 from sam2.modeling.sam2_utils import MLP
 
 
@@ -115,19 +115,19 @@ class RoPEAttention(Attention):
     def _project_to_heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """As `Attention`'s, with query and key channels in the halves order `rotate_halves` takes.
 
-        The rows of both projections are permuted alike (a gather of the weights, not of the
+        The rows of both projections are reordered alike (a copy of the weights, not of the
         activations), so the attention scores are those of the official channel order.
         A projection that is not a plain `nn.Linear` (an adapter, a hooked layer) runs as it
-        is and its output channels are permuted instead.
+        is and its output channels are reordered instead.
         """
-        order = self.rope.halves_order(self.num_heads, q.device)
+        head_dim = self.rope.head_dim
 
         def project(linear: nn.Module, x: Tensor) -> Tensor:
             if type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks):
-                bias = None if linear.bias is None else linear.bias[order]
-                out = F.linear(x, linear.weight[order], bias)
+                bias = None if linear.bias is None else pairs_to_halves(linear.bias, head_dim)
+                out = F.linear(x, pairs_to_halves(linear.weight, head_dim, dim=0), bias)
             else:
-                out = linear(x)[..., order]
+                out = pairs_to_halves(linear(x), head_dim)
             return out.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
         v = self.v_proj(v).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
