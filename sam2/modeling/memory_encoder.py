@@ -99,11 +99,25 @@ class CXBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """`[B, dim, H, W]` -> `[B, dim, H, W]`."""
-        branch = self.norm(self.dwconv(x)).permute(0, 2, 3, 1)
+        spatial = x.contiguous(memory_format=torch.channels_last) if _channels_last_pays(x) else x
+        branch = self.norm(self.dwconv(spatial)).permute(0, 2, 3, 1)
         branch = self.pwconv2(self.act(self.pwconv1(branch)))
         if self.gamma is not None:
             branch = branch * self.gamma
         return x + self.drop_path(branch.permute(0, 3, 1, 2))
+
+
+def _channels_last_pays(x: Tensor) -> bool:
+    """Training in float32 on the CPU, where oneDNN's depthwise conv backward runs ~2.4x faster on a
+    channels-last input (the forward takes the same time, and its channels-last output then goes
+    into the MLP without a copy). Elsewhere the layout stays: bfloat16 kernels round differently
+    per layout, and inference has no backward to speed up."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 class Fuser(nn.Module):
