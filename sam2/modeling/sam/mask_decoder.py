@@ -179,7 +179,11 @@ class MaskDecoder(nn.Module):
         upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
         feat_s0, feat_s1 = high_res_features
         upscaled = act1(norm1(upconv1(image_tokens) + feat_s1))
-        return act2(upconv2(upscaled) + feat_s0)
+        # The high-res features come channels-last from the trunk, and so would the sum. The masks'
+        # matmul reads it contiguous (flattening copies it anyway), so copy before the activation:
+        # its backward then meets a gradient of its own layout (in a training step on the CPU,
+        # 0.45 instead of 2.4-3.5 ms per call at [2, 32, 64, 64]). Same values.
+        return act2((upconv2(upscaled) + feat_s0).contiguous())
 
     def predict_masks(
         self,
