@@ -35,9 +35,9 @@ def rebuilt_in_backward(tensor: Tensor, rebuild: Callable[[], Tensor]) -> Contex
             keeps anyway (or it keeps them alive and saves nothing).
 
     Contexts nest: each rebuilds its own tensor and hands the rest to the enclosing one. Outside
-    autograd, for a tensor laid out otherwise or on the meta device, while `torch.compile` traces, or under other
-    saved-tensor hooks (activation checkpointing, offloading: they decide what is kept), this is
-    a no-op context.
+    autograd, for a tensor laid out otherwise or on the meta device, while `torch.compile`
+    traces, or under other saved-tensor hooks (activation checkpointing, offloading: they decide
+    what is kept), this is a no-op context.
     """
     if torch.compiler.is_compiling():  # a compiled graph decides what it saves and recomputes
         return contextlib.nullcontext()
