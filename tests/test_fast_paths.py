@@ -229,6 +229,44 @@ def test_inductor_compiled_image_encoder_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.slow
+def test_compiled_memory_attention_trains_like_eager_as_the_memory_grows():
+    """The compiled memory attention (`compile_memory_attention`) traces the rotary Functions with
+    dynamic shapes and without graph breaks: 1 then 3 memory frames plus pointer tokens, forward
+    and backward, through AOTAutograd (no C++ compiler needed)."""
+    from torch._dynamo.utils import counters
+
+    from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
+    from sam2.modeling.sam.transformer import RoPEAttention
+
+    torch.manual_seed(0)
+    rope = {"embedding_dim": 32, "num_heads": 2, "feat_sizes": (4, 4)}
+    layer = MemoryAttentionLayer(
+        d_model=32, self_attention=RoPEAttention(**rope),
+        cross_attention=RoPEAttention(**rope, rope_k_repeat=True, kv_in_dim=16), dim_feedforward=64,
+        activation="relu", dropout=0.0, pos_enc_at_attn=False, pos_enc_at_cross_attn_queries=False,
+        pos_enc_at_cross_attn_keys=True,
+    )  # fmt: skip
+    eager = MemoryAttention(d_model=32, pos_enc_at_input=True, layer=layer, num_layers=1).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager", dynamic=True)  # as compile_memory_attention does, CPU-only backend
+    torch._dynamo.reset()
+    counters.clear()
+    for frames in (1, 3):
+        gen = torch.Generator().manual_seed(frames)
+        curr, pos = torch.randn(2, 16, 2, 32, generator=gen)
+        memory, memory_pos = torch.randn(2, 16 * frames + 4, 2, 16, generator=gen)
+        results = []
+        for module in (eager, compiled):
+            module.zero_grad(set_to_none=True)
+            inputs = [t.clone().requires_grad_() for t in (curr, memory)]
+            out = module(inputs[0], inputs[1], curr_pos=pos, memory_pos=memory_pos, num_obj_ptr_tokens=4)
+            out.square().sum().backward()
+            results.append([out.detach(), *(t.grad for t in inputs), *(p.grad for p in module.parameters())])
+        torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
 def test_cpu_optimizer_is_fused_and_steps_like_the_single_tensor_one():
     from tests.test_optimizer import _mose_optim, _tiny_model
     from training.optimizer import construct_optimizer

@@ -261,12 +261,15 @@ class _HalfRotation(torch.autograd.Function):
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, num_rotated: int, inverse: bool) -> Tensor:
     source = x.float()
-    out = torch.empty_like(source)
-    half = x.shape[-1] // 2
     grids = (num_rotated // cos.shape[0], cos.shape[0])
+    half = x.shape[-1] // 2
     a, b = source[..., :num_rotated, :].unflatten(-2, grids).split(half, dim=-1)
-    out_a, out_b = out[..., :num_rotated, :].unflatten(-2, grids).split(half, dim=-1)
     sign = 1.0 if inverse else -1.0
+    if torch.compiler.is_compiling():  # `out=` into strided views would break the graph; the compiler fuses this
+        turned = torch.cat((a * cos + sign * (b * sin), b * cos - sign * (a * sin)), dim=-1).flatten(-3, -2)
+        return torch.cat((turned, source[..., num_rotated:, :]), dim=-2).to(x.dtype)
+    out = torch.empty_like(source)
+    out_a, out_b = out[..., :num_rotated, :].unflatten(-2, grids).split(half, dim=-1)
     torch.mul(a, cos, out=out_a).addcmul_(b, sin, value=sign)
     torch.mul(b, cos, out=out_b).addcmul_(a, sin, value=-sign)
     if num_rotated < x.shape[-2]:
