@@ -309,10 +309,13 @@ def test_padded_windows_stay_in_autocast_precision(attend_padding, monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_trunk_compiles_without_graph_breaks_and_trains_alike(autocast):
-    """`compile_image_encoder` traces the trunk whole: no graph break, same outputs and gradients."""
+@attend_padding
+def test_trunk_compiles_without_graph_breaks_and_trains_alike(autocast, attend_padding, monkeypatch):
+    """`compile_image_encoder` traces the trunk whole, either padded-window path: no graph break,
+    same outputs and gradients."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend_padding)
     torch.manual_seed(0)
     net = Hiera(**TINY).train()
     images = _images()["square_96"].requires_grad_(True)  # pads windows, pools, crops
