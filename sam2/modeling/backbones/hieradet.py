@@ -11,14 +11,14 @@ from __future__ import annotations
 import re
 from functools import partial
 from itertools import accumulate
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from sam2.modeling.backbones.utils import PatchEmbed, window_partition, window_unpartition
+from sam2.modeling.backbones.utils import PatchEmbed, WindowCells, window_partition, window_runs, window_unpartition
 from sam2.modeling.lean_autograd import autocast_matmul_dtype, rebuilt_in_backward
 from sam2.modeling.sam2_utils import MLP, DropPath, resize
 
@@ -179,10 +179,10 @@ class MultiScaleAttention(nn.Module):
         `[B, H', W', dim_out]` output from the attention's outputs."""
         batch, height, width, _ = qkv.shape
         stride_h, stride_w = _pair(self.q_pool.stride) if self.q_pool is not None else (1, 1)
-        row_runs = _window_runs(height, window_size, stride_h)
-        col_runs = _window_runs(width, window_size, stride_w)
+        row_runs = window_runs(height, window_size, stride_h)
+        col_runs = window_runs(width, window_size, stride_w)
         pad = self.qkv.bias[self.dim_out :].to(qkv.dtype)  # see forward: no float32 promotion under autocast
-        cells = _WindowCells.apply(qkv, pad, window_size, row_runs, col_runs)
+        cells = WindowCells.apply(qkv, pad, window_size, row_runs, col_runs)
         attended = []
         for q, k, v in zip(cells[0::3], cells[1::3], cells[2::3]):
             k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (k, v))
@@ -201,82 +201,6 @@ class MultiScaleAttention(nn.Module):
             return torch.cat(bands, dim=1)
 
         return tokens
-
-
-class _Run(NamedTuple):
-    """Windows along one side of a map that the padding cuts alike: `count` windows from token
-    `start`, each holding `real` real tokens (the rest is padding), queries at the first `queries`."""
-
-    count: int
-    start: int
-    real: int
-    queries: int
-
-
-def _window_runs(size: int, window_size: int, stride: int) -> list[_Run]:
-    """The windows along one side of a map: the whole windows, then the window that padding cuts.
-    Query extents are trimmed to whole pooling strides (the rest is cropped from the pooled
-    output), and runs left without queries are dropped (their keys serve no query)."""
-    whole, cut = divmod(size, window_size)
-    runs = [_Run(whole, 0, window_size, window_size), _Run(1, whole * window_size, cut, cut // stride * stride)]
-    return [run for run in runs if run.count and run.queries]
-
-
-class _WindowCells(torch.autograd.Function):
-    """Cut `qkv [B, H, W, 3C]` into the windows of each (row run, column run) cell: per cell the
-    queries of its real tokens `[N, queries_h, queries_w, C]`, and keys and values `[N, ws * ws, C]`
-    padded with the `pad [2C]` token. The gradient goes straight into one `[B, H, W, 3C]` buffer,
-    the padding's summed into `pad`'s: what window partitioning, padding by concatenation and
-    splitting per cell took some ten copies of the map to do, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, pad: Tensor, window_size: int, row_runs: list[_Run], col_runs: list[_Run]):
-        batch, _, _, channels = qkv.shape
-        dim = channels // 3
-        ctx.shape, ctx.window_size, ctx.runs = qkv.shape, window_size, (row_runs, col_runs)
-        outputs = []
-        for rows in row_runs:
-            for cols in col_runs:
-                q = _cell_view(qkv[..., :dim], rows, cols, rows.queries, cols.queries).contiguous()
-                outputs.append(q.flatten(0, 2))
-                for part, pad_part in zip((qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]), pad.split(dim)):
-                    windows = qkv.new_empty(batch, rows.count, cols.count, window_size, window_size, dim)
-                    windows[..., : rows.real, : cols.real, :] = _cell_view(part, rows, cols, rows.real, cols.real)
-                    windows[..., rows.real :, :, :] = pad_part
-                    windows[..., : rows.real, cols.real :, :] = pad_part
-                    outputs.append(windows.view(-1, window_size * window_size, dim))
-        return tuple(outputs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):
-        row_runs, col_runs = ctx.runs
-        batch, height, width, channels = ctx.shape
-        dim, window_size = channels // 3, ctx.window_size
-        # Tokens no query reads (cut off by the pooling stride, or in a dropped run) get zeros.
-        covered = sum(r.count * r.real for r in row_runs) == height and sum(c.count * c.real for c in col_runs) == width
-        trimmed = any(run.queries != run.real for run in (*row_runs, *col_runs))
-        grad_qkv = grads[0].new_empty(ctx.shape) if covered and not trimmed else grads[0].new_zeros(ctx.shape)
-        grad_pad = grads[0].new_zeros(2, dim, dtype=torch.promote_types(grads[0].dtype, torch.float32))
-        cells = iter(grads)
-        for rows in row_runs:
-            for cols in col_runs:
-                grad_q = next(cells).view(batch, rows.count, cols.count, rows.queries, cols.queries, dim)
-                _cell_view(grad_qkv[..., :dim], rows, cols, rows.queries, cols.queries).copy_(grad_q)
-                for part in range(2):
-                    grad = next(cells).reshape(batch, rows.count, cols.count, window_size, window_size, dim)
-                    target = grad_qkv[..., (part + 1) * dim : (part + 2) * dim]
-                    _cell_view(target, rows, cols, rows.real, cols.real).copy_(grad[..., : rows.real, : cols.real, :])
-                    grad_pad[part] += grad[..., rows.real :, :, :].sum((0, 1, 2, 3, 4))
-                    grad_pad[part] += grad[..., : rows.real, cols.real :, :].sum((0, 1, 2, 3, 4))
-        return grad_qkv, grad_pad.flatten().to(grads[0].dtype), None, None, None
-
-
-def _cell_view(x: Tensor, rows: _Run, cols: _Run, height: int, width: int) -> Tensor:
-    """The `[B, rows.count, cols.count, height, width, C]` view of `x [B, H, W, C]` holding the first
-    `height` x `width` tokens of every window of one cell."""
-    x = x[:, rows.start : rows.start + rows.count * rows.real, cols.start : cols.start + cols.count * cols.real]
-    x = x.unflatten(1, (rows.count, rows.real)).unflatten(3, (cols.count, cols.real)).transpose(2, 3)
-    return x[:, :, :, :height, :width]
 
 
 class MultiScaleBlock(nn.Module):
