@@ -18,7 +18,6 @@ benchmarks/results/components.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -36,15 +35,13 @@ from benchmarks.common import (
     REPO_ROOT,
     RESULTS_DIR,
     alternating_runs,
-    check_imported_from,
-    child_env,
     default_device,
     gib,
     machine_info,
     median,
     ratio,
     reference_root,
-    run_child,
+    run_probe,
     write_report,
 )
 from benchmarks.train_config import MODEL_CONFIGS
@@ -69,10 +66,9 @@ def run_side(
         *(["--profile"] if args.profile else []),
     ]
     root = REPO_ROOT if side == "ours" else reference_root()
-    env = child_env(side, pythonpath=root, threads=args.threads)
-    run_child(probe_args, env=env, cwd=run_dir, log_file=run_dir / "output.log", timeout=args.timeout)
-    record = json.loads(out.read_text())
-    check_imported_from(record["modules"], side, root)
+    record = run_probe(
+        probe_args, side=side, root=root, run_dir=run_dir, out=out, threads=args.threads, timeout=args.timeout
+    )
     record["profile_file"] = str(run_dir / "profile.txt")
     return record
 

@@ -15,7 +15,6 @@ benchmarks/results/inference.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from functools import partial
@@ -32,15 +31,13 @@ from benchmarks.common import (
     BENCH_DIR,
     REPO_ROOT,
     alternating_runs,
-    check_imported_from,
-    child_env,
     default_device,
     gib,
     machine_info,
     median,
     ratio,
     reference_root,
-    run_child,
+    run_probe,
     write_report,
 )
 from benchmarks.synthetic_data import make_video_dataset
@@ -126,10 +123,9 @@ def run_side(
     if args.image_size:
         probe_args += ["--image-size", str(args.image_size)]
     root = REPO_ROOT if side == "ours" else reference_root()
-    env = child_env(side, pythonpath=root, threads=args.threads)
-    run_child(probe_args, env=env, cwd=run_dir, log_file=run_dir / "output.log", timeout=args.timeout)
-    record = json.loads(out.read_text())
-    check_imported_from(record["modules"], side, root)
+    record = run_probe(
+        probe_args, side=side, root=root, run_dir=run_dir, out=out, threads=args.threads, timeout=args.timeout
+    )
     record["masks_file"] = str(run_dir / "masks.npz")
     return record
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -33,8 +32,6 @@ from benchmarks.common import (
     REPO_ROOT,
     ChildFailed,
     alternating_runs,
-    check_imported_from,
-    child_env,
     copy_reference_tree,
     default_device,
     gib,
@@ -43,7 +40,7 @@ from benchmarks.common import (
     median,
     ratio,
     reference_root,
-    run_child,
+    run_probe,
     write_report,
 )
 from benchmarks.synthetic_data import make_video_dataset
@@ -162,10 +159,7 @@ def run_once(
     probe_args += ["--", str(script), "-c", config_arg, "--use-cluster", "0", "--num-gpus", num_gpus]
     if side == "ours":
         probe_args += list(ours_overrides)
-    env = child_env(side, pythonpath=root, threads=threads)
-    run_child(probe_args, env=env, cwd=run_dir, log_file=run_dir / "output.log", timeout=timeout)
-    record = json.loads(out.read_text()) if out.exists() else {"step_times": []}
-    check_imported_from(record.get("modules", {}), side, root)
+    record = run_probe(probe_args, side=side, root=root, run_dir=run_dir, out=out, threads=threads, timeout=timeout)
     if len(record["step_times"]) < steps:
         raise ChildFailed(
             f"{side} ran {len(record['step_times'])} steps, expected {steps}; log: {run_dir / 'output.log'}"

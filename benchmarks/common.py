@@ -126,6 +126,22 @@ def run_child(
     return time.perf_counter() - start
 
 
+def run_probe(
+    probe_args: Sequence[str], *, side: str, root: Path, run_dir: Path, out: Path, threads: int | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    """Runs one side's probe child (`python *probe_args` in `run_dir`, with `root` first on its path
+    and its output in `run_dir/output.log`) and returns the JSON record it wrote to `out`, checked
+    to come from `root`'s code. Raises ChildFailed if the child fails or writes no record."""
+    env = child_env(side, pythonpath=root, threads=threads)
+    run_child(probe_args, env=env, cwd=run_dir, log_file=run_dir / "output.log", timeout=timeout)
+    if not out.exists():
+        raise ChildFailed(f"the {side} child wrote no record to {out}; log: {run_dir / 'output.log'}")
+    record = json.loads(out.read_text())
+    check_imported_from(record.get("modules", {}), side, root)
+    return record
+
+
 def alternating_runs(
     label: str, sides: Sequence[str], repeats: int, run: Callable[..., dict[str, Any]]
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
