@@ -4,6 +4,7 @@ and real multi-process runs (spawned by train.py and under torchrun) with gloo o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,8 +27,8 @@ from training.utils.distributed import destroy_process_group
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_in_process(trainer_cfg: dict, monkeypatch: pytest.MonkeyPatch):
-    """Builds and runs a Trainer in this process as a 1-rank job; returns it."""
+def run_in_process(trainer_cfg: dict, monkeypatch: pytest.MonkeyPatch, during_run=contextlib.nullcontext):
+    """Builds and runs a Trainer in this process as a 1-rank job, inside `during_run(trainer)`; returns it."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -40,7 +41,8 @@ def run_in_process(trainer_cfg: dict, monkeypatch: pytest.MonkeyPatch):
     handlers, level = list(root.handlers), root.level
     try:
         trainer = instantiate(OmegaConf.create(trainer_cfg), _recursive_=False)
-        trainer.run()
+        with during_run(trainer):
+            trainer.run()
     finally:
         destroy_process_group()
         # The trainer points the root logger at its run directory; give pytest its handlers back.
@@ -100,16 +102,20 @@ def test_training_writes_a_complete_checkpoint_and_logs(tmp_path, monkeypatch):
     assert epochs[-1]["Losses/train_loss"] < 0.8 * epochs[0]["Losses/train_loss"]
 
 
-def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["skipped_on_device", "skipped_on_host"])
+def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch, fused):
     config = trainer_config(str(tmp_path), max_epochs=1)
     config["loss"]["all"]["nan_on_calls"] = [2]
+    config["optim"]["optimizer"].update(fused=fused, foreach=not fused)
     trainer = run_in_process(config, monkeypatch)
+    assert trainer.train_step.skips_on_device is fused
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert "non-finite loss" in (tmp_path / "logs" / "log.txt").read_text()
     assert "videos [" in (tmp_path / "logs" / "log.txt").read_text()
 
     config = trainer_config(str(tmp_path / "b"), max_epochs=1)
     config["loss"]["all"]["nan_on_calls"] = [2, 3]
+    config["optim"]["optimizer"].update(fused=fused, foreach=not fused)
     config["optim"]["max_nonfinite_steps"] = 2
     with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
         run_in_process(config, monkeypatch)
@@ -224,3 +230,26 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path):
         weights = final_model(run_dir)
         for key in reference:
             torch.testing.assert_close(weights[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_skips_the_update_on_both(tmp_path):
+    def run(name: str, nan_on_ranks: list[int] | None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        config = full_config(str(folder / "run"), max_epochs=1)
+        config["trainer"]["model"]["dropout"] = 0.0
+        config["trainer"]["data"]["train"].update(batch_size=1, shuffle=False, noise=0.0)
+        config["trainer"]["loss"]["all"].update(nan_on_calls=[2], nan_on_ranks=nan_on_ranks)
+        train_cli(write_config(folder, config), "--cpu-processes", "2")
+        return folder / "run"
+
+    one, both = run("one", [1]), run("both", None)
+    for run_dir in (one, both):
+        ranks = checksums(run_dir)
+        assert len(ranks) == 2 and ranks[0] == ranks[1], ranks
+    reference = final_model(both)
+    for key, value in final_model(one).items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+    assert "rank 0: non-finite loss on another rank; step skipped" in (one / "logs" / "log.txt").read_text()
+    assert "rank 1: non-finite loss {'loss': nan" in (one / "logs" / "log_rank1.txt").read_text()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from training.utils.data_utils import BatchedVideoDatapoint, BatchedVideoMetaData
-from training.utils.distributed import all_reduce_sum, get_world_size
+from training.utils.distributed import all_reduce_sum, get_rank, get_world_size
 
 IMAGE_SIZE = 8
 
@@ -43,9 +43,10 @@ class TinyModel(nn.Module):
 class TinyLoss(nn.Module):
     """Summed squared error over the batch, divided by the global object count (as the SAM loss)."""
 
-    def __init__(self, nan_on_calls: list[int] | None = None) -> None:
+    def __init__(self, nan_on_calls: list[int] | None = None, nan_on_ranks: list[int] | None = None) -> None:
         super().__init__()
         self.nan_on_calls = set(nan_on_calls or [])  # 1-based call numbers whose loss is NaN
+        self.nan_on_ranks = nan_on_ranks  # the ranks where they are (None: every rank)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -54,7 +55,8 @@ class TinyLoss(nn.Module):
         num_objects = torch.clamp(num_objects / get_world_size(), min=1)
         squared = (outputs - targets.float()) ** 2
         loss_mse = squared.mean(dim=(0, 2, 3)).sum() / num_objects
-        if int(self.calls) in self.nan_on_calls:
+        on_this_rank = self.nan_on_ranks is None or get_rank() in self.nan_on_ranks
+        if self.nan_on_calls and on_this_rank and int(self.calls) in self.nan_on_calls:
             loss_mse = loss_mse * float("nan")
         return {"core_loss": loss_mse, "loss_mse": loss_mse.detach()}
 

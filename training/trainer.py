@@ -281,6 +281,10 @@ class Trainer(TrainerSetupMixin):
         self.batch_in_epoch = batch_index + 1
         self.boundary_rng = capture_rng_state()
         self.train_step.updating = False
+        if self.progress.reports_at(self.steps[Phase.TRAIN]) or self.batch_in_epoch >= steps_in_epoch:
+            # The step's only wait for the device: the skipped steps since the last report are logged
+            # (and too many non-finite losses in a row stop the run) here, on every rank alike.
+            self.train_step.report(self.rank)
         self.progress.step(
             global_step=self.steps[Phase.TRAIN],
             batch_in_epoch=self.batch_in_epoch,

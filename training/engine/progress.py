@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from training.utils.train_utils import human_readable_time
 
@@ -33,26 +34,44 @@ def format_banner(rows: Sequence[tuple[str, Any]]) -> str:
 
 
 class EpochMeter:
-    """Averages of the loss parts, timings and throughput over one epoch."""
+    """Averages of the loss parts, timings and throughput over one epoch.
+
+    The loss sums stay on the device until `averages` reads them, so a step need not wait for it.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, Tensor | float] = defaultdict(float)
         self.samples = 0
         self.steps = 0
         self.data_seconds = 0.0
         self.step_seconds = 0.0
-        self.skipped_steps = 0
 
-    def update(self, losses: Mapping[str, float], batch_size: int, data_seconds: float, step_seconds: float) -> None:
+    def update(self, losses: Mapping[str, Tensor], batch_size: int, data_seconds: float, step_seconds: float) -> None:
         for name, value in losses.items():
-            self.sums[name] += value * batch_size
+            self.sums[name] = self.sums[name] + value * batch_size
         self.samples += batch_size
         self.steps += 1
         self.data_seconds += data_seconds
         self.step_seconds += step_seconds
 
     def averages(self) -> dict[str, float]:
-        return {name: total / max(self.samples, 1) for name, total in self.sums.items()}
+        return {name: float(total) / max(self.samples, 1) for name, total in self.sums.items()}
+
+
+class ReportWindow:
+    """Samples and data-loading time since the last report, for rates that include the device's time."""
+
+    def __init__(self) -> None:
+        self.start, self.samples, self.data_seconds = time.time(), 0, 0.0
+
+    def add(self, samples: int, data_seconds: float) -> None:
+        self.samples += samples
+        self.data_seconds += data_seconds
+
+    def rates(self) -> tuple[float, float]:
+        """(samples per second, share of the time spent waiting for data); call after reading a result."""
+        seconds = max(time.time() - self.start, 1e-9)
+        return self.samples / seconds, self.data_seconds / seconds
 
 
 class ProgressReporter:
@@ -81,43 +100,58 @@ class ProgressReporter:
         self.epoch_meter = EpochMeter()
         self._window_start = time.time()
         self._window_steps = 0
+        self.since_report = ReportWindow()
 
     def start_epoch(self, epoch: int, max_epochs: int, steps_in_epoch: int, first_batch: int) -> None:
         self.epoch_meter = EpochMeter()
         self.epoch, self.max_epochs, self.steps_in_epoch = epoch, max_epochs, steps_in_epoch
         self._window_start, self._window_steps = time.time(), 0
+        self.since_report = ReportWindow()
         if self.use_bar:
             from tqdm import tqdm
 
             self.bar = tqdm(total=steps_in_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{max_epochs}")
+
+    def reports_at(self, global_step: int) -> bool:
+        """Whether `step` writes a line or scalars at this step (the same answer on every rank)."""
+        return global_step % self.log_freq == 0 or global_step % self.scalar_freq == 0 or global_step == 1
 
     def step(
         self,
         *,
         global_step: int,
         batch_in_epoch: int,
-        losses: Mapping[str, float],
+        losses: Mapping[str, Tensor],
         batch_size: int,
         data_seconds: float,
         step_seconds: float,
         lrs: Sequence[float],
-        grad_norm: float | None,
+        grad_norm: Tensor | None,
     ) -> None:
-        """Records one finished training step (`global_step` counts from 1)."""
+        """Records one finished training step (`global_step` counts from 1).
+
+        The losses and gradient norm are read (which waits for the device) only where a line or
+        scalars are written; rates there cover every step since the last such point.
+        """
         self.epoch_meter.update(losses, batch_size, data_seconds, step_seconds)
         self._window_steps += 1
-        memory = peak_memory_gb(self.device)
-        if not self.is_main:
-            return
-        samples_per_s = batch_size * self.world_size / max(step_seconds, 1e-9)
-        data_share = data_seconds / max(step_seconds, 1e-9)
-        if global_step % self.scalar_freq == 0 or global_step == 1:
-            self._write_scalars(global_step, losses, lrs, grad_norm, samples_per_s, data_share, memory)
+        self.since_report.add(batch_size * self.world_size, data_seconds)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}", lr=f"{lrs[0]:.2e}" if lrs else "-")
             self.bar.update(1)
-        elif global_step % self.log_freq == 0 or global_step == 1:
-            logging.info(self._line(global_step, batch_in_epoch, losses, lrs, samples_per_s, data_share, memory))
+        if not self.is_main or not self.reports_at(global_step):
+            return
+        values = {name: float(value) for name, value in losses.items()}
+        norm = None if grad_norm is None else float(grad_norm)
+        samples_per_s, data_share = self.since_report.rates()
+        self.since_report = ReportWindow()
+        memory = peak_memory_gb(self.device)
+        if global_step % self.scalar_freq == 0 or global_step == 1:
+            self._write_scalars(global_step, values, lrs, norm, samples_per_s, data_share, memory)
+        if global_step % self.log_freq == 0 or global_step == 1:
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", lr=f"{lrs[0]:.2e}" if lrs else "-")
+            else:
+                logging.info(self._line(global_step, batch_in_epoch, values, lrs, samples_per_s, data_share, memory))
 
     def _eta_seconds(self, global_step: int) -> float:
         elapsed = time.time() - self._window_start
