@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sam2.modeling.backbones.hieradet import MultiScaleAttention
 from tests import sam2_train_setup as setup
 from tests.test_trainer_engine import run_in_process
 from tests.trainer_fakes import TinyLoss, TinyModel, TinyVideoDataset, collate, trainer_config
@@ -91,7 +92,10 @@ def train(step: TrainStep, batch, micro_index: int = 0):
     return step(batch, micro_index=micro_index, is_last_in_epoch=False, where=0.5, rank=0)
 
 
-def test_sam2train_step_does_not_wait_for_the_device():
+@pytest.mark.parametrize("attend_padding", [False, True], ids=["cpu_windows", "gpu_windows"])
+def test_sam2train_step_does_not_wait_for_the_device(attend_padding, monkeypatch):
+    # Hiera's padded windows take another path off the CPU; both run here.
+    monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend_padding)
     torch.manual_seed(0)
     model = setup.build()
     model.train()
