@@ -89,7 +89,7 @@ def make_step(model: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimize
 
 
 def train(step: TrainStep, batch, micro_index: int = 0):
-    return step(batch, micro_index=micro_index, is_last_in_epoch=False, where=0.5, rank=0)
+    return step(batch, micro_index=micro_index, is_last_in_epoch=False, where=0.5, rank=0, global_step=micro_index + 1)
 
 
 @pytest.mark.parametrize("attend_padding", [False, True], ids=["cpu_windows", "gpu_windows"])
@@ -150,7 +150,7 @@ def test_a_nonfinite_loss_leaves_weights_and_optimizer_as_they_were(fused, caplo
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     assert all(int(state.get("step", 0)) == 0 for state in optimizer.state.values())
-    assert "non-finite loss" in caplog.text and "videos [0, 1]" in caplog.text
+    assert "rank 0, step 1: non-finite loss" in caplog.text and "videos [0, 1]" in caplog.text
 
     train(step, batch)
     assert all(int(state["step"]) == 1 for state in optimizer.state.values())

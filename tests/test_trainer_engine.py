@@ -251,5 +251,5 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_update_on_both(tmp_path):
     reference = final_model(both)
     for key, value in final_model(one).items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
-    assert "rank 0: non-finite loss on another rank; step skipped" in (one / "logs" / "log.txt").read_text()
-    assert "rank 1: non-finite loss {'loss': nan" in (one / "logs" / "log_rank1.txt").read_text()
+    assert "rank 0, step 2: non-finite loss on another rank; skipped" in (one / "logs" / "log.txt").read_text()
+    assert "rank 1, step 2: non-finite loss {'loss': nan" in (one / "logs" / "log_rank1.txt").read_text()

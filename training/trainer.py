@@ -276,6 +276,7 @@ class Trainer(TrainerSetupMixin):
             is_last_in_epoch=batch_index == steps_in_epoch - 1,
             where=self.where,
             rank=self.rank,
+            global_step=self.steps[Phase.TRAIN] + 1,
         )
         self.steps[Phase.TRAIN] += 1
         self.batch_in_epoch = batch_index + 1

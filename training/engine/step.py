@@ -47,6 +47,7 @@ class Verdict:
     flags: Tensor
     losses: dict[str, Tensor]
     videos: Tensor | None  # the batch's object identifiers, for naming its videos in a warning
+    step: int  # the global step the batch was trained in
 
 
 def batch_size_of(batch: Any) -> int:
@@ -135,8 +136,11 @@ class TrainStep:
             loss = self.loss[batch.dict_key](outputs, batch.masks)
         return split_loss(loss)
 
-    def __call__(self, batch: Any, *, micro_index: int, is_last_in_epoch: bool, where: float, rank: int) -> StepResult:
-        """Trains on one batch; `micro_index` counts batches since the last optimizer update."""
+    def __call__(
+        self, batch: Any, *, micro_index: int, is_last_in_epoch: bool, where: float, rank: int, global_step: int
+    ) -> StepResult:
+        """Trains on one batch; `micro_index` counts batches since the last optimizer update, `global_step`
+        (from 1) names the step in warnings."""
         first = micro_index % self.accumulation_steps == 0
         update = (micro_index + 1) % self.accumulation_steps == 0 or is_last_in_epoch
         if first:
@@ -147,7 +151,7 @@ class TrainStep:
         no_sync = self.model.no_sync() if is_ddp and not update else contextlib.nullcontext()
         with no_sync:
             core, losses = self.forward_loss(batch, self.model)
-            verdict = self._verdict(core, losses, batch)
+            verdict = self._verdict(core, losses, batch, global_step)
             self.unreported.append(verdict)
             if self.skips_on_device:
                 bad = 1.0 - verdict.flags.min()
@@ -164,12 +168,12 @@ class TrainStep:
             result.optimizer_stepped = True
         return result
 
-    def _verdict(self, core: Tensor, losses: dict[str, Tensor], batch: Any) -> Verdict:
+    def _verdict(self, core: Tensor, losses: dict[str, Tensor], batch: Any, global_step: int) -> Verdict:
         finite = torch.isfinite(core.detach()).float()
         has_graph = torch.full((), float(core.requires_grad), device=finite.device)
         # Every rank must take the same branch, or DDP's gradient all-reduce would wait forever.
         flags = all_reduce_min(torch.stack([finite, has_graph]))
-        return Verdict(flags=flags, losses=losses, videos=object_identifiers(batch))
+        return Verdict(flags=flags, losses=losses, videos=object_identifiers(batch), step=global_step)
 
     def report(self, rank: int) -> bool:
         """Reads the flags of the batches trained since the last report (this waits for the device),
@@ -190,7 +194,7 @@ class TrainStep:
             if has_graph < 1:
                 # E.g. every frame was prompted with its ground-truth mask, which the model passes
                 # through unchanged (use_mask_input_as_output_without_sam): nothing to learn from.
-                logging.info(f"rank {rank}: loss does not depend on any trainable weight; step skipped")
+                logging.info(f"rank {rank}, step {verdict.step}: loss does not depend on any trainable weight; skipped")
         return skipped
 
     def _apply_update(self, where: float, rank: int) -> Tensor:
@@ -219,13 +223,18 @@ class TrainStep:
         self.nonfinite_in_a_row += 1
         losses = {name: float(value) for name, value in verdict.losses.items()}
         videos = video_ids_of(verdict.videos)
-        where = f"non-finite loss {losses} on videos {videos}" if not math.isfinite(losses["loss"]) else "non-finite loss on another rank"
+        if math.isfinite(losses["loss"]):
+            what = "non-finite loss on another rank"
+        else:
+            what = f"non-finite loss {losses} on videos {videos}"
         logging.warning(
-            f"rank {rank}: {where}; step skipped ({self.nonfinite_in_a_row}/{self.max_nonfinite_steps} in a row)"
+            f"rank {rank}, step {verdict.step}: {what}; skipped "
+            f"({self.nonfinite_in_a_row}/{self.max_nonfinite_steps} in a row)"
         )
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row (last on videos {videos}); "
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (the last in step {verdict.step}, "
+                f"on videos {videos}); "
                 "stopping. The last checkpoint holds finite weights. Try a lower scratch.base_lr, "
                 "gradient clipping, or amp_dtype bfloat16; raise trainer.optim.max_nonfinite_steps to tolerate more."
             )
