@@ -123,6 +123,34 @@ def test_dropout_draws_and_differentiates_like_torch(p, layout):
     )  # the same number of draws
 
 
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_fused_dropout_rebuilds_its_output_bit_for_bit(p):
+    """The CUDA branch's bookkeeping, run with the CPU's `native_dropout` in float32. (In bfloat16
+    the CPU kernel rounds the scaled mask to bfloat16 first, which CUDA's does not; the CUDA test
+    below checks the real kernels.)"""
+    x = torch.randn(4, 300).relu().requires_grad_()
+    out, rebuild = lean_autograd.fused_dropout(x, p)
+    assert torch.equal(rebuild(), out)
+    assert torch.equal(out == 0, (x == 0) | (out.detach() == 0))  # kept entries are scaled, not zeroed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_on_cuda_draws_like_torch_and_rebuilds_bit_for_bit(p, dtype):
+    x = torch.randn(3, 64, 40, device="cuda", dtype=dtype).relu().requires_grad_()
+    weights = torch.randn(3, 64, 40, device="cuda", dtype=dtype)
+    torch.manual_seed(3)
+    expected = F.dropout(x, p, training=True)
+    (expected * weights).sum().backward()
+    expected_grad, x.grad = x.grad.clone(), None
+    torch.manual_seed(3)
+    out, rebuild = lean_autograd.dropout(x, p, training=True)
+    (out * weights).sum().backward()
+    assert torch.equal(out, expected) and torch.equal(x.grad, expected_grad)
+    assert torch.equal(rebuild(), out.detach())
+
+
 def test_dropout_is_plain_torch_where_there_is_no_mask_to_keep():
     x = _leaf(8, 8)
     out, rebuild = lean_autograd.dropout(x, 0.1, training=False)
@@ -215,18 +243,24 @@ def test_other_saved_tensor_hooks_keep_control():
 
 
 
-def test_meta_tensors_are_not_rebuilt_and_hiera_traces_on_meta():
-    """Meta tensors have no storage to tell apart (every one reads as address 0), so a rebuild
-    would stand in for any saved tensor: the context is a no-op there. Shape-only runs on the
-    meta device (FLOP counting, memory planning) go through forward and backward."""
+def test_meta_tensors_are_told_apart_and_hiera_traces_on_meta():
+    """Meta tensors have no addresses (every one reads as 0); matched by address, a rebuild would
+    stand in for any saved tensor. Shape-only runs on the meta device (FLOP counting, memory
+    planning) go through forward and backward."""
     from sam2.modeling.backbones import hieradet
     from tests.test_hiera import TINY
 
     x = torch.empty(4, 4, device="meta", requires_grad=True)
     weight = torch.empty(4, 4, device="meta", requires_grad=True)
-    with rebuilt_in_backward(x * 2, lambda: pytest.fail("a meta tensor was rebuilt")):
+    with rebuilt_in_backward(x * 2, lambda: pytest.fail("another meta tensor was rebuilt")):
         out = (x * 2) @ weight
     out.sum().backward()
+    doubled = x * 2
+    rebuilt = []
+    with rebuilt_in_backward(doubled, lambda: rebuilt.append(True) or x * 2):
+        out = doubled @ weight
+    out.sum().backward()
+    assert rebuilt == [True] and weight.grad.shape == (4, 4)
     trunk = hieradet.Hiera(**TINY).train().to("meta")
     features = trunk(torch.empty(2, 3, 96, 96, device="meta", requires_grad=True))
     sum(f.sum() for f in features).backward()
@@ -234,12 +268,20 @@ def test_meta_tensors_are_not_rebuilt_and_hiera_traces_on_meta():
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in trunk.parameters())
 
 
-@pytest.mark.parametrize("autocast", [False, True])  # backward runs without autocast: rebuilds must not care
+def widen_norms_as_cuda_autocast_does(monkeypatch) -> None:
+    """CPU autocast runs LayerNorm in the input's dtype; CUDA autocast in float32 (a cast-up copy)."""
+    monkeypatch.setattr(lean_autograd, "_norm_widens", lambda *setting: True)
+
+
+# backward runs without autocast: rebuilds must not care
+@pytest.mark.parametrize("autocast", ["off", "cpu", "widening_norms"])
 @pytest.mark.parametrize("size", [64, 96])  # 96 px pads windows and crops pooled ones
 def test_hiera_rebuilds_change_no_output_or_gradient(monkeypatch, size, autocast):
     from sam2.modeling.backbones import hieradet
     from tests.test_hiera import TINY
 
+    if autocast == "widening_norms":
+        widen_norms_as_cuda_autocast_does(monkeypatch)
     torch.manual_seed(0)
     trunk = hieradet.Hiera(**TINY, drop_path_rate=0.2).train()
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -247,13 +289,14 @@ def test_hiera_rebuilds_change_no_output_or_gradient(monkeypatch, size, autocast
     def run():
         trunk.zero_grad(set_to_none=True)
         torch.manual_seed(5)  # drop-path draws
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast != "off"):
             features = trunk(images)
         sum((f.float() * _weights_like(f)).sum() for f in features).backward()
         return [f.detach() for f in features], {n: p.grad.clone() for n, p in trunk.named_parameters()}
 
     lean_features, lean_grads = run()
-    monkeypatch.setattr(hieradet, "rebuilt_in_backward", lambda tensor, rebuild: contextlib.nullcontext())
+    for module in (hieradet, lean_autograd):
+        monkeypatch.setattr(module, "rebuilt_in_backward", lambda tensor, rebuild: contextlib.nullcontext())
     plain_features, plain_grads = run()
     torch.testing.assert_close(lean_features, plain_features, **EXACT)
     for name, grad in plain_grads.items():
@@ -296,6 +339,35 @@ def test_hiera_under_autocast_keeps_no_low_precision_copy_of_its_norms(monkeypat
     torch.testing.assert_close(features, plain_features, **EXACT)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, msg=name, **EXACT)
+
+
+def test_a_norm_that_autocast_widens_keeps_only_its_low_precision_input(monkeypatch):
+    widen_norms_as_cuda_autocast_does(monkeypatch)
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    weights = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lean_autograd.autocast_widens_norm(x) and not lean_autograd.autocast_widens_norm(x.float())
+        normed, rebuild = lean_autograd.widened_norm(norm, x)
+    assert normed.dtype == torch.float32
+    # The norm's saved input is rebuilt from x at each use, not kept.
+    first, second = normed.grad_fn._saved_input, normed.grad_fn._saved_input
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert torch.equal(first, x.float())
+    assert torch.equal(rebuild(), normed)  # outside autocast, as in backward
+    (normed * weights).sum().backward()
+    lean_grads = [x.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone()]
+
+    x.grad = norm.weight.grad = norm.bias.grad = None
+    plain = norm(x.float())
+    torch.testing.assert_close(normed, plain, **EXACT)
+    (plain * weights).sum().backward()
+    for lean, grad in zip(lean_grads, [x.grad, norm.weight.grad, norm.bias.grad]):
+        torch.testing.assert_close(lean, grad, **EXACT)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.undo()
+        assert not lean_autograd.autocast_widens_norm(x)  # CPU autocast runs LayerNorm in bfloat16
 
 
 def test_autocast_matmul_dtype_follows_autocast():

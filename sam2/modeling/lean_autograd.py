@@ -11,6 +11,7 @@ without it; only what sits in memory between the two passes changes.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, ContextManager, NamedTuple
 
 import torch
@@ -35,9 +36,10 @@ def rebuilt_in_backward(tensor: Tensor, rebuild: Callable[[], Tensor]) -> Contex
             keeps anyway (or it keeps them alive and saves nothing).
 
     Contexts nest: each rebuilds its own tensor and hands the rest to the enclosing one. Outside
-    autograd, for a tensor laid out otherwise or on the meta device, while `torch.compile`
-    traces, or under other saved-tensor hooks (activation checkpointing, offloading: they decide
-    what is kept), this is a no-op context.
+    autograd, for a tensor laid out otherwise, while `torch.compile` traces, or under other
+    saved-tensor hooks (activation checkpointing, offloading: they decide what is kept), this is a
+    no-op context. Saved tensors are matched by storage, not by address: meta and fake tensors,
+    which have none, are told apart too (shape-only runs plan memory with the rebuilds in place).
     """
     if torch.compiler.is_compiling():  # a compiled graph decides what it saves and recomputes
         return contextlib.nullcontext()
@@ -46,13 +48,11 @@ def rebuilt_in_backward(tensor: Tensor, rebuild: Callable[[], Tensor]) -> Contex
         return contextlib.nullcontext()
     if not (torch.is_grad_enabled() and tensor.is_contiguous() and tensor.storage_offset() == 0):
         return contextlib.nullcontext()
-    if tensor.device.type == "meta":  # no storage address to tell tensors apart by
-        return contextlib.nullcontext()
     outer_pack = outer[0] if outer is not None else None
-    storage = tensor.untyped_storage().data_ptr()
+    storage = tensor.untyped_storage()._cdata  # the StorageImpl that every view of `tensor` shares
 
     def pack(saved: Tensor) -> Tensor | _Recipe:
-        if saved.untyped_storage().data_ptr() == storage:
+        if saved.untyped_storage()._cdata == storage:
             return _Recipe(rebuild, saved.size(), saved.stride(), saved.storage_offset())
         return outer_pack(saved) if outer_pack is not None else saved
 
@@ -70,11 +70,47 @@ def autocast_matmul_dtype(x: Tensor) -> torch.dtype | None:
     outside autocast). The matmul then finds its input in the right dtype and casts nothing, so
     the values are those autocast would have given.
     """
-    device = x.device.type
-    if not (x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+    if not (x.is_floating_point() and _autocast_on(x.device.type)):
         return None
-    dtype = torch.get_autocast_dtype(device)
+    dtype = torch.get_autocast_dtype(x.device.type)
     return dtype if dtype != x.dtype else None
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_widens_norm(x: Tensor) -> bool:
+    """Whether autocast would run a LayerNorm of `x` in float32 here, casting `x` up first.
+
+    CUDA autocast does (LayerNorm is on its float32 list) and keeps that copy for backward, twice
+    the size of a bfloat16 `x`; the CPU's does not. Asked of autocast itself, once per setting.
+    """
+    if torch.compiler.is_compiling() or x.dtype not in (torch.bfloat16, torch.float16) or not _autocast_on(x.device.type):
+        return False
+    return _norm_widens(x.device.type, x.dtype, torch.get_autocast_dtype(x.device.type))
+
+
+@functools.cache
+def _norm_widens(device_type: str, dtype: torch.dtype, autocast_dtype: torch.dtype) -> bool:
+    probe = torch.ones(1, 2, dtype=dtype, device=device_type)
+    return F.layer_norm(probe, (2,)).dtype == torch.float32
+
+
+def widened_norm(norm: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Callable[[], Tensor]]:
+    """`norm(x)` and a function recomputing it bit for bit in backward (which runs outside autocast).
+
+    Where autocast widens the norm (`autocast_widens_norm`), `x` is cast to float32 here instead,
+    and that copy is rebuilt from `x` (exactly) rather than kept: the norm computes on the same
+    float32 values, and backward keeps `x` alone. The recomputation repeats the float32 norm, as
+    the forward ran it. Elsewhere it is `norm(x)` and `norm(x)` again.
+    """
+    if not autocast_widens_norm(x):
+        return norm(x), functools.partial(norm, x)
+    wide = x.float()
+    with rebuilt_in_backward(wide, x.float):
+        normed = norm(wide)
+    return normed, lambda: norm(x.float())
 
 
 def _unpack(packed: Tensor | _Recipe) -> Tensor:
@@ -84,17 +120,32 @@ def _unpack(packed: Tensor | _Recipe) -> Tensor:
 
 
 def dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, Callable[[], Tensor] | None]:
-    """`F.dropout(x, p, training)` and, on the CPU, a function that rebuilds its output from `x`.
+    """`F.dropout(x, p, training)` and, on the CPU and CUDA, a function that rebuilds its output.
 
-    On the CPU torch draws a float mask with `bernoulli_(1 - p)`, scales it by `1 / (1 - p)`,
-    multiplies and keeps the scaled mask for backward. This does exactly that and also returns
-    `lambda: x * mask`: where `x` is saved anyway (a ReLU keeps its output), the layer that reads
-    the dropout's output can rebuild it in backward (`rebuilt_in_backward`) rather than keep it.
-    (Keeping a bool mask instead of the float one would save more, but rebuilding the float mask
-    twice per backward cost more time than it saved memory.) On CUDA torch's fused dropout keeps
-    only a bool mask, the output cannot be rebuilt cheaply, and this is `F.dropout`.
+    Where `x` is saved anyway (a ReLU keeps its output), the layer that reads the dropout's output
+    can rebuild it in backward (`rebuilt_in_backward`) rather than keep it. The draws are torch's:
+    - On the CPU torch draws a float mask with `bernoulli_(1 - p)`, scales it by `1 / (1 - p)`,
+      multiplies and keeps the scaled mask for backward. This does exactly that, and the rebuild
+      is `x * mask`. (Keeping a bool mask instead would save more, but rebuilding the float mask
+      twice per backward cost more time than it saved memory.)
+    - On CUDA `F.dropout` is the fused `native_dropout`, which keeps a bool mask for backward. The
+      rebuild is that backward's kernel applied to `x`: both compute `(float(mask) * x) * scale` in
+      float32 with the same float32 scale, so it gives the output bit for bit.
+    Elsewhere, outside autograd, or for p of 0 or 1, this is `F.dropout` and no rebuild.
     """
-    if not (training and 0.0 < p < 1.0 and x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad):
+    if not (training and 0.0 < p < 1.0 and torch.is_grad_enabled() and x.requires_grad):
         return F.dropout(x, p, training), None
-    noise = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
-    return x * noise, lambda: x * noise
+    if x.device.type == "cpu":
+        noise = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
+        return x * noise, lambda: x * noise
+    if x.device.type == "cuda":
+        return fused_dropout(x, p)
+    return F.dropout(x, p, training), None
+
+
+def fused_dropout(x: Tensor, p: float) -> tuple[Tensor, Callable[[], Tensor]]:
+    """`torch.native_dropout` (what `F.dropout` runs on CUDA) and the rebuild of its output."""
+    out, mask = torch.native_dropout(x, p, True)
+    # The kernel's scale: 1 / (1 - p) divided in float32 (a float64 1 / (1 - p) can round differently).
+    scale = (torch.tensor(1.0) / torch.tensor(1.0 - p, dtype=torch.float32)).item()
+    return out, lambda: torch.ops.aten.native_dropout_backward(x, mask, scale)

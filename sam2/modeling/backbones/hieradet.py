@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from sam2.modeling.backbones.utils import PatchEmbed, WindowCells, window_partition, window_runs, window_unpartition
-from sam2.modeling.lean_autograd import autocast_matmul_dtype, rebuilt_in_backward
+from sam2.modeling.lean_autograd import autocast_matmul_dtype, rebuilt_in_backward, widened_norm
 from sam2.modeling.sam2_utils import MLP, DropPath, resize
 
 
@@ -252,7 +252,7 @@ class MultiScaleBlock(nn.Module):
         # rather than kept as the next layers' inputs (sam2.modeling.lean_autograd).
         shortcut = x
         if self.dim != self.dim_out:  # two layers read this norm (see _norm_for_matmuls)
-            normed, rebuild_normed = self.norm1(x), partial(self.norm1, x)
+            normed, rebuild_normed = widened_norm(self.norm1, x)
             with rebuilt_in_backward(normed, rebuild_normed):
                 shortcut = self.proj(normed)
         else:
@@ -270,12 +270,13 @@ def _norm_for_matmuls(norm: nn.Module, x: Tensor) -> tuple[Tensor, Callable[[], 
     bit for bit. Under autocast that is the low-precision copy the layer would otherwise make and
     keep for backward itself (`lean_autograd.autocast_matmul_dtype`). Only for a norm that one
     layer reads: autocast gives each reader its own copy, whose gradients add in float32, and
-    one shared copy would add them in its low precision."""
-    normed = norm(x)
+    one shared copy would add them in its low precision. Where autocast runs the norm in float32
+    and `x` is low-precision, `x` is kept rather than its float32 copy (`widened_norm`)."""
+    normed, rebuild = widened_norm(norm, x)
     dtype = autocast_matmul_dtype(normed)
     if dtype is None:
-        return normed, partial(norm, x)
-    return normed.to(dtype), lambda: norm(x).to(dtype)
+        return normed, rebuild
+    return normed.to(dtype), lambda: rebuild().to(dtype)
 
 
 class Hiera(nn.Module):
