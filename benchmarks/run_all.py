@@ -23,7 +23,9 @@ BENCHMARKS = [
     ("bench_inference.py", "inference.md", ["--quick"]),
     ("bench_components.py", "components.md", ["--quick"]),
     ("bench_data.py", "bench_data.md", ["--clips", "2", "--workers", "0", "--rounds", "1"]),
+    ("bench_memory.py", "memory.md", ["--quick"]),
 ]
+THREADED = {"bench_train_step.py", "bench_inference.py", "bench_components.py"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     failed, sections = [], []
     for script, result, quick_args in BENCHMARKS:
         cmd = [sys.executable, str(BENCH_DIR / script), *(quick_args if args.quick else [])]
-        if args.threads is not None and script != "bench_data.py":
+        if args.threads is not None and script in THREADED:
             cmd += ["--threads", str(args.threads)]
         path = RESULTS_DIR / result
         path.unlink(missing_ok=True)  # never report a previous run's table as this one's

@@ -258,3 +258,16 @@ def test_alternating_runs_alternate_sides_and_keep_going_after_a_failure() -> No
     assert [r["run"] for r in records["reference"]] == [0, 1, 2]
     assert [r["run"] for r in records["ours"]] == [0, 2]
     assert errors == {"reference": [], "ours": ["exit 1: boom"]}
+
+
+def test_memory_benchmark_measures_both_sides_on_fake_cuda(reference, tmp_path: Path) -> None:
+    from benchmarks.bench_memory import main
+
+    rows = main(["--quick", "--results-dir", str(tmp_path), "--workdir", str(tmp_path / "work")])
+    assert (tmp_path / "memory.md").is_file() and (tmp_path / "memory.json").is_file()
+    (row,) = rows
+    assert row["errors"] is None, row
+    assert 0 < row["ours_kept_gib"] <= row["ours_peak_gib"] and 0 < row["reference_kept_gib"] <= row["reference_peak_gib"]
+    assert "image_encoder" in row["ours_kept_by_part"], row
+    record = json.loads((tmp_path / "work" / "tiny-256px-2f" / "ours" / "record.json").read_text())
+    assert sum(record["kept_by_part"].values()) == record["kept_bytes"]

@@ -1,0 +1,149 @@
+"""GPU training memory without a GPU: the activations each side keeps for backward, ours vs reference.
+
+    python benchmarks/bench_memory.py                      # the GPU cases of bench_train_step.py
+    python benchmarks/bench_memory.py --cases base_plus-1024px-8f
+    python benchmarks/bench_memory.py --quick              # a tiny case, for CI
+
+For each case, both sides build the model and loss from the same training config
+(`train_config.py`) and run the training forward on fake CUDA tensors under CUDA autocast's rules
+(`memory_probe.py` says how). The table gives the bytes still live after forward and loss (what
+backward will read) and the forward's peak, with their ratios ours/reference, and where ours
+keeps them. What it leaves out, which a GPU's `max_memory_allocated` counts: weights, gradients
+and optimizer state (the same on both sides) and the backward's transient buffers. So it tracks
+the activation part of the GPU target; `bench_train_step.py` on a GPU measures the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (
+    BENCH_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    ChildFailed,
+    gib,
+    ratio,
+    reference_root,
+    run_probe,
+    write_report,
+)
+from benchmarks.train_config import GPU_CASES, TrainCase, build_train_config
+
+PROBE = BENCH_DIR / "memory_probe.py"
+QUICK_CASE = TrainCase("tiny-256px-2f", "tiny", 256, num_frames=2, max_num_objects=2, amp_dtype="bfloat16")
+COLUMNS = [
+    ("case", "case"),
+    ("reference_kept_gib", "ref kept GiB"),
+    ("ours_kept_gib", "ours kept GiB"),
+    ("kept_ratio", "kept ours/ref"),
+    ("reference_peak_gib", "ref fwd peak GiB"),
+    ("ours_peak_gib", "ours fwd peak GiB"),
+    ("peak_ratio", "fwd peak ours/ref"),
+    ("ours_kept_by_part", "ours kept by part (GiB)"),
+    ("reference_kept_by_part", "ref kept by part (GiB)"),
+    ("errors", "errors"),
+]
+
+
+def spec_for(case: TrainCase) -> dict[str, Any]:
+    """The resolved model and loss configs of `case`'s training config, and its batch shape."""
+    from training.utils.train_utils import register_omegaconf_resolvers
+
+    unused = Path("/nonexistent")
+    cfg = build_train_config(
+        reference_root(), case, device="cuda", img_folder=unused, gt_folder=unused, init_checkpoint=unused,
+        run_dir=unused, num_workers=0,
+    )  # fmt: skip
+    register_omegaconf_resolvers()
+    resolved = OmegaConf.create(cfg)
+    OmegaConf.resolve(resolved)
+    trainer = OmegaConf.to_container(resolved.trainer)
+    return {
+        "model": {**trainer["model"], "_target_": "training.model.sam2.SAM2Train"},
+        "loss": {**trainer["loss"]["all"], "_target_": "training.loss_fns.MultiStepMultiMasksAndIous"},
+        "frames": case.num_frames,
+        "objects": case.max_num_objects,
+        "resolution": case.resolution,
+        "amp_dtype": case.amp_dtype,
+    }
+
+
+def by_part(record: dict[str, Any]) -> str:
+    return ", ".join(f"{part} {size / 2**30:.2f}" for part, size in record["kept_by_part"].items() if size >= 2**24)
+
+
+def measure(case: TrainCase, workdir: Path, timeout: float | None) -> dict[str, Any]:
+    spec_file = workdir / case.name / "spec.json"
+    spec_file.parent.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(json.dumps(spec_for(case)))
+    row: dict[str, Any] = {"case": case.name}
+    errors = []
+    records = {}
+    for side, root in (("reference", reference_root()), ("ours", REPO_ROOT)):
+        run_dir = workdir / case.name / side
+        run_dir.mkdir(parents=True, exist_ok=True)
+        out = run_dir / "record.json"
+        probe_args = [str(PROBE), "--spec", str(spec_file), "--out", str(out)]
+        try:
+            records[side] = run_probe(probe_args, side=side, root=root, run_dir=run_dir, out=out, threads=1, timeout=timeout)
+        except ChildFailed as failure:
+            errors.append(f"{side}: {failure}")
+            continue
+        row[f"{side}_kept_gib"] = gib(records[side]["kept_bytes"])
+        row[f"{side}_peak_gib"] = gib(records[side]["forward_peak_bytes"])
+        row[f"{side}_kept_by_part"] = by_part(records[side])
+    if len(records) == 2:
+        row["kept_ratio"] = ratio(records["ours"]["kept_bytes"], records["reference"]["kept_bytes"])
+        row["peak_ratio"] = ratio(records["ours"]["forward_peak_bytes"], records["reference"]["forward_peak_bytes"])
+    row["errors"] = "; ".join(errors) or None
+    return row
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = [case.name for case in GPU_CASES]
+    parser.add_argument("--cases", nargs="+", choices=names, default=names)
+    parser.add_argument("--quick", action="store_true", help=f"only {QUICK_CASE.name} (for CI)")
+    parser.add_argument("--results-dir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the children's files here")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per child")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    cases = [QUICK_CASE] if args.quick else [case for case in GPU_CASES if case.name in args.cases]
+    with tempfile.TemporaryDirectory(prefix="sam2-bench-memory-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        rows = [measure(case, workdir, args.timeout) for case in cases]
+    meta = {
+        "command": "python benchmarks/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": "fake CUDA tensors on the CPU (no GPU used)",
+    }
+    notes = (
+        "kept: bytes live after the training forward and the loss, i.e. the activations backward reads; fwd peak: "
+        "the most bytes live during that forward. Both leave out weights, gradients and optimizer state (equal on "
+        "both sides) and backward's transient buffers. bf16 autocast with CUDA's rules; attention as the flash "
+        "kernel. Ratios below 1 favour ours."
+    )
+    md, _ = write_report(
+        "memory", title="GPU training memory (fake CUDA): ours vs reference", columns=COLUMNS, rows=rows,
+        meta=meta, notes=notes, results_dir=args.results_dir or RESULTS_DIR,
+    )  # fmt: skip
+    print(md.read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Child process for bench_memory.py: what one side keeps for backward in a GPU training step,
+measured without a GPU.
+
+The model and loss (`--spec`, resolved Hydra configs) are built by whichever `sam2`/`training`
+is first on `PYTHONPATH`, moved to fake CUDA tensors (`torch._subclasses.FakeTensorMode`: shapes
+and dtypes, no data) and run forward with the loss under CUDA autocast's rules: bfloat16
+matmuls, float32 LayerNorm. Two things a fake device cannot choose are set as a GPU would:
+scaled-dot-product attention runs the flash kernel (the fake device would pick the math path,
+which keeps the attention matrices), and a tensor value read on the host (the reference loss's
+object count) reads 1.
+
+Every storage a dispatched op creates is tracked until its last tensor dies. The record has the
+peak of live bytes during the forward, the bytes still live after it (the activations kept for
+backward, plus the loss), and the latter split by the top-level module that created them.
+
+    python benchmarks/memory_probe.py --spec spec.json --out record.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import json
+import sys
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.pop(0)  # run as a script: import the side's packages, not this folder's
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of the storages that dispatched ops create on the fake CUDA device, by creator."""
+
+    def __init__(self, part_of: dict[int, str]) -> None:
+        super().__init__()
+        self.part_of, self.parts = part_of, []  # module id -> top-level name; stack of running parts
+        self.refs: collections.Counter = collections.Counter()
+        self.size: dict[int, int] = {}
+        self.creator: dict[int, str] = {}
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self.size:
+            self.size[key] = storage.nbytes()
+            self.creator[key] = self.parts[-1] if self.parts else "(outside modules)"
+            self.live += self.size[key]
+            self.peak = max(self.peak, self.live)
+        self.refs[key] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.live -= self.size.pop(key)
+            self.creator.pop(key)
+
+    def by_creator(self) -> dict[str, int]:
+        totals: collections.Counter = collections.Counter()
+        for key, size in self.size.items():
+            totals[self.creator[key]] += size
+        return dict(totals.most_common())
+
+
+def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **extra):
+    """`F.scaled_dot_product_attention` as a GPU runs it for these shapes: the flash kernel."""
+    if attn_mask is None and not extra and q.device.type == "cuda" and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if q.dtype in (torch.bfloat16, torch.float16):
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+    return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+def fake_batch(frames: int, objects: int, resolution: int) -> Any:
+    from training.utils.data_utils import BatchedVideoDatapoint, BatchedVideoMetaData
+
+    device = "cuda"
+    return BatchedVideoDatapoint(
+        img_batch=torch.empty(frames, 1, 3, resolution, resolution, device=device),
+        obj_to_frame_idx=torch.tensor([[[t, 0]] * objects for t in range(frames)], dtype=torch.int).to(device),
+        masks=torch.zeros(frames, objects, resolution, resolution, dtype=torch.bool, device=device),
+        metadata=BatchedVideoMetaData(
+            unique_objects_identifier=torch.zeros(frames, objects, 3, dtype=torch.long, device=device),
+            frame_orig_size=torch.full((frames, objects, 2), resolution, dtype=torch.long, device=device),
+        ),
+        dict_key="all",
+        batch_size=[frames],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    with open(args.spec) as f:
+        spec = json.load(f)
+    from hydra.utils import instantiate
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    model = instantiate(spec["model"], _convert_="all").train()
+    loss = instantiate(spec["loss"], _convert_="all")
+    F.scaled_dot_product_attention = flash_attention
+    real_item = torch.Tensor.item
+    torch.Tensor.item = lambda t: 1 if t.device.type == "cuda" else real_item(t)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        part_of = {id(m): name.split(".")[0] or "(model)" for name, m in model.named_modules()}
+        part_of[id(loss)] = "loss"
+        live = LiveBytes(part_of)
+
+        def entering(module: torch.nn.Module, _inputs: Any) -> None:
+            live.parts.append(part_of.get(id(module), live.parts[-1] if live.parts else "(model)"))
+
+        def leaving(*_: Any) -> None:
+            live.parts.pop()
+
+        enter = torch.nn.modules.module.register_module_forward_pre_hook(entering)
+        leave = torch.nn.modules.module.register_module_forward_hook(leaving)
+        batch = fake_batch(spec["frames"], spec["objects"], spec["resolution"])
+        dtype = getattr(torch, spec["amp_dtype"]) if spec["amp_dtype"] else None
+        with live:
+            torch.set_autocast_enabled("cuda", dtype is not None)
+            if dtype is not None:
+                torch.set_autocast_dtype("cuda", dtype)
+            try:
+                outputs = model(batch)
+                losses = loss(outputs, batch.masks)
+            finally:
+                torch.set_autocast_enabled("cuda", False)
+            del outputs
+            gc.collect()
+            record = {"forward_peak_bytes": live.peak, "kept_bytes": live.live, "kept_by_part": live.by_creator()}
+            del losses
+        enter.remove()
+        leave.remove()
+    record["modules"] = {name: getattr(sys.modules.get(name), "__file__", "") for name in ("sam2", "training")}
+    with open(args.out, "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main()
