@@ -14,6 +14,7 @@ import contextlib
 import functools
 from typing import Callable, ContextManager, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -146,6 +147,11 @@ def dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, Callable[[], T
 def fused_dropout(x: Tensor, p: float) -> tuple[Tensor, Callable[[], Tensor]]:
     """`torch.native_dropout` (what `F.dropout` runs on CUDA) and the rebuild of its output."""
     out, mask = torch.native_dropout(x, p, True)
-    # The kernel's scale: 1 / (1 - p) divided in float32 (a float64 1 / (1 - p) can round differently).
-    scale = (torch.tensor(1.0) / torch.tensor(1.0 - p, dtype=torch.float32)).item()
+    scale = _fused_dropout_scale(p)
     return out, lambda: torch.ops.aten.native_dropout_backward(x, mask, scale)
+
+
+@functools.cache
+def _fused_dropout_scale(p: float) -> float:
+    """The CUDA kernel's scale: 1 / (1 - p) divided in float32 (in float64 it can round differently)."""
+    return float(np.float32(1.0) / np.float32(1.0 - p))
