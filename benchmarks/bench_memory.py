@@ -22,8 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,7 +36,7 @@ from benchmarks.common import (
     run_probe,
     write_report,
 )
-from benchmarks.train_config import GPU_CASES, TrainCase, build_train_config
+from benchmarks.train_config import GPU_CASES, TrainCase, model_and_loss_configs
 
 PROBE = BENCH_DIR / "memory_probe.py"
 QUICK_CASE = TrainCase("tiny-256px-2f", "tiny", 256, num_frames=2, max_num_objects=2, amp_dtype="bfloat16")
@@ -58,20 +56,10 @@ COLUMNS = [
 
 def spec_for(case: TrainCase) -> dict[str, Any]:
     """The resolved model and loss configs of `case`'s training config, and its batch shape."""
-    from training.utils.train_utils import register_omegaconf_resolvers
-
-    unused = Path("/nonexistent")
-    cfg = build_train_config(
-        reference_root(), case, device="cuda", img_folder=unused, gt_folder=unused, init_checkpoint=unused,
-        run_dir=unused, num_workers=0,
-    )  # fmt: skip
-    register_omegaconf_resolvers()
-    resolved = OmegaConf.create(cfg)
-    OmegaConf.resolve(resolved)
-    trainer = OmegaConf.to_container(resolved.trainer)
+    model, loss = model_and_loss_configs(reference_root(), case, device="cuda")
     return {
-        "model": {**trainer["model"], "_target_": "training.model.sam2.SAM2Train"},
-        "loss": {**trainer["loss"]["all"], "_target_": "training.loss_fns.MultiStepMultiMasksAndIous"},
+        "model": model,
+        "loss": loss,
         "frames": case.num_frames,
         "objects": case.max_num_objects,
         "resolution": case.resolution,

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import reference_root
-from benchmarks.train_config import TrainCase, build_train_config
+from benchmarks.train_config import TrainCase, model_and_loss_configs
 from training.loss_fns import CORE_LOSS_KEY
 from training.utils.data_utils import BatchedVideoDatapoint, BatchedVideoMetaData
-from training.utils.train_utils import register_omegaconf_resolvers
 
 
 def synthetic_batch(num_frames: int, num_objects: int, size: int) -> BatchedVideoDatapoint:
@@ -55,17 +53,7 @@ def synthetic_batch(num_frames: int, num_objects: int, size: int) -> BatchedVide
 
 def build(args: argparse.Namespace):
     case = TrainCase("profile", "tiny", args.resolution, num_frames=args.frames, max_num_objects=args.objects)
-    cfg = build_train_config(
-        reference_root(), case, device="cpu", img_folder=Path("/nonexistent"), gt_folder=Path("/nonexistent"),
-        init_checkpoint=Path("/nonexistent"), run_dir=Path("/tmp"), num_workers=0,
-    )  # fmt: skip
-    register_omegaconf_resolvers()
-    resolved = OmegaConf.create(cfg)
-    OmegaConf.resolve(resolved)
-    trainer = OmegaConf.to_container(resolved.trainer)
-    model_cfg = {**trainer["model"], "_target_": "training.model.sam2.SAM2Train"}
-    loss_cfg = trainer["loss"]["all"]
-    loss_cfg["_target_"] = "training.loss_fns.MultiStepMultiMasksAndIous"
+    model_cfg, loss_cfg = model_and_loss_configs(reference_root(), case, device="cpu")
     torch.manual_seed(0)
     model = instantiate(model_cfg, _convert_="all")
     loss = instantiate(loss_cfg, _convert_="all")

@@ -114,3 +114,22 @@ def write_config(cfg: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# @package _global_\n\n" + OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return path
+
+
+def model_and_loss_configs(reference_root: Path, case: TrainCase, *, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The resolved `trainer.model` (as `SAM2Train`) and `trainer.loss.all` configs of `case`, for
+    runs of the model and loss without the trainer and its data."""
+    from training.utils.train_utils import register_omegaconf_resolvers
+
+    unused = Path("/nonexistent")
+    cfg = build_train_config(
+        reference_root, case, device=device, img_folder=unused, gt_folder=unused, init_checkpoint=unused,
+        run_dir=unused, num_workers=0,
+    )  # fmt: skip
+    register_omegaconf_resolvers()
+    resolved = OmegaConf.create(cfg)
+    OmegaConf.resolve(resolved)
+    trainer = OmegaConf.to_container(resolved.trainer)
+    model = {**trainer["model"], "_target_": "training.model.sam2.SAM2Train"}
+    loss = {**trainer["loss"]["all"], "_target_": "training.loss_fns.MultiStepMultiMasksAndIous"}
+    return model, loss
