@@ -48,6 +48,9 @@ COLUMNS = [
     ("reference_peak_gib", "ref fwd peak GiB"),
     ("ours_peak_gib", "ours fwd peak GiB"),
     ("peak_ratio", "fwd peak ours/ref"),
+    ("reference_forward_ops", "ref fwd ops"),
+    ("ours_forward_ops", "ours fwd ops"),
+    ("ops_ratio", "fwd ops ours/ref"),
     ("ours_kept_by_part", "ours kept by part (GiB)"),
     ("reference_kept_by_part", "ref kept by part (GiB)"),
     ("errors", "errors"),
@@ -91,9 +94,11 @@ def measure(case: TrainCase, workdir: Path, timeout: float | None) -> dict[str, 
         row[f"{side}_kept_gib"] = gib(records[side]["kept_bytes"])
         row[f"{side}_peak_gib"] = gib(records[side]["forward_peak_bytes"])
         row[f"{side}_kept_by_part"] = by_part(records[side])
+        row[f"{side}_forward_ops"] = records[side]["forward_ops"]
     if len(records) == 2:
         row["kept_ratio"] = ratio(records["ours"]["kept_bytes"], records["reference"]["kept_bytes"])
         row["peak_ratio"] = ratio(records["ours"]["forward_peak_bytes"], records["reference"]["forward_peak_bytes"])
+        row["ops_ratio"] = ratio(records["ours"]["forward_ops"], records["reference"]["forward_ops"])
     row["errors"] = "; ".join(errors) or None
     return row
 
@@ -123,7 +128,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "kept: bytes live after the training forward and the loss, i.e. the activations backward reads; fwd peak: "
         "the most bytes live during that forward. Both leave out weights, gradients and optimizer state (equal on "
         "both sides) and backward's transient buffers. bf16 autocast with CUDA's rules; attention as the flash "
-        "kernel. Ratios below 1 favour ours."
+        "kernel. fwd ops: dispatched forward ops that launch kernels (not views, allocations or device queries), "
+        "a proxy for the host's work in a host-bound GPU step. Ratios below 1 favour ours."
     )
     md, _ = write_report(
         "memory", title="GPU training memory (fake CUDA): ours vs reference", columns=COLUMNS, rows=rows,

@@ -11,7 +11,9 @@ object count) reads 1.
 
 Every storage a dispatched op creates is tracked until its last tensor dies. The record has the
 peak of live bytes during the forward, the bytes still live after it (the activations kept for
-backward, plus the loss), and the latter split by the top-level module that created them.
+backward, plus the loss), and the latter split by the top-level module that created them; and
+the number of forward ops a GPU launches kernels for (not views, allocations or `prim` queries):
+a proxy for the host's share of a host-bound step.
 
     python benchmarks/memory_probe.py --spec spec.json --out record.json
 """
@@ -34,6 +36,14 @@ from torch.utils._pytree import tree_flatten
 sys.path.pop(0)  # run as a script: import the side's packages, not this folder's
 
 
+# Ops that only allocate or reinterpret (no kernel on a GPU), besides views and `prim` queries.
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "lift_fresh"}
+
+
+def launches_kernels(func: torch._ops.OpOverload) -> bool:
+    return not func.is_view and func.namespace != "prim" and func._opname not in NO_KERNEL
+
+
 class LiveBytes(TorchDispatchMode):
     """Live bytes of the storages that dispatched ops create on the fake CUDA device, by creator."""
 
@@ -43,9 +53,10 @@ class LiveBytes(TorchDispatchMode):
         self.refs: collections.Counter = collections.Counter()
         self.size: dict[int, int] = {}
         self.creator: dict[int, str] = {}
-        self.live = self.peak = 0
+        self.live = self.peak = self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += launches_kernels(func)
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
@@ -151,7 +162,12 @@ def main() -> None:
                 torch.set_autocast_enabled("cuda", False)
             del outputs
             gc.collect()
-            record = {"forward_peak_bytes": live.peak, "kept_bytes": live.live, "kept_by_part": live.by_creator()}
+            record = {
+                "forward_peak_bytes": live.peak,
+                "kept_bytes": live.live,
+                "kept_by_part": live.by_creator(),
+                "forward_ops": live.ops,
+            }
             del losses
         enter.remove()
         leave.remove()

@@ -269,5 +269,6 @@ def test_memory_benchmark_measures_both_sides_on_fake_cuda(reference, tmp_path: 
     assert row["errors"] is None, row
     assert 0 < row["ours_kept_gib"] <= row["ours_peak_gib"] and 0 < row["reference_kept_gib"] <= row["reference_peak_gib"]
     assert "image_encoder" in row["ours_kept_by_part"], row
+    assert row["ours_forward_ops"] > 0 and row["reference_forward_ops"] > 0, row
     record = json.loads((tmp_path / "work" / "tiny-256px-2f" / "ours" / "record.json").read_text())
     assert sum(record["kept_by_part"].values()) == record["kept_bytes"]
