@@ -109,6 +109,9 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch, fu
     config["optim"]["optimizer"].update(fused=fused, foreach=not fused)
     trainer = run_in_process(config, monkeypatch)
     assert trainer.train_step.skips_on_device is fused
+    # The epoch's averages leave the skipped batch out.
+    (epoch,) = [json.loads(line) for line in (tmp_path / "logs" / "train_stats.json").read_text().splitlines()]
+    assert 0 < epoch["Losses/train_loss"] < float("inf"), epoch
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert "non-finite loss" in (tmp_path / "logs" / "log.txt").read_text()
     assert "videos [" in (tmp_path / "logs" / "log.txt").read_text()

@@ -37,25 +37,31 @@ class EpochMeter:
     """Averages of the loss parts, timings and throughput over one epoch.
 
     The loss sums stay on the device until `averages` reads them, so a step need not wait for it.
+    Batches whose loss is not finite (their updates were skipped) are left out of the averages.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor | float] = defaultdict(float)
+        self.finite_samples: Tensor | float = 0.0
         self.samples = 0
         self.steps = 0
         self.data_seconds = 0.0
         self.step_seconds = 0.0
 
     def update(self, losses: Mapping[str, Tensor], batch_size: int, data_seconds: float, step_seconds: float) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums[name] + value * batch_size
+        if "loss" in losses:
+            finite = torch.isfinite(losses["loss"])
+            for name, value in losses.items():
+                self.sums[name] = self.sums[name] + torch.where(finite, value * batch_size, 0.0)
+            self.finite_samples = self.finite_samples + finite * batch_size
         self.samples += batch_size
         self.steps += 1
         self.data_seconds += data_seconds
         self.step_seconds += step_seconds
 
     def averages(self) -> dict[str, float]:
-        return {name: float(total) / max(self.samples, 1) for name, total in self.sums.items()}
+        counted = max(float(self.finite_samples), 1.0)
+        return {name: float(total) / counted for name, total in self.sums.items()}
 
 
 class ReportWindow:
