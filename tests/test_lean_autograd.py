@@ -199,6 +199,37 @@ def test_mlp_does_not_keep_a_gelu_output_for_backward():
     loss.backward()
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cxblock_rebuilds_its_gelu_output_with_unchanged_outputs_and_gradients(monkeypatch, autocast):
+    from sam2.modeling import memory_encoder
+
+    torch.manual_seed(0)
+    block = memory_encoder.CXBlock(16, layer_scale_init_value=0.5)
+    x = _leaf(2, 16, 6, 6)
+    outputs = []
+    block.act.register_forward_hook(lambda module, args, out: outputs.append(StorageWeakRef(out.untyped_storage())))
+
+    def run():
+        outputs.clear()
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = block(x)
+        gc.collect()
+        kept = not outputs[0].expired()
+        (out.float() * _weights_like(out)).sum().backward()
+        return kept, out.detach(), [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+
+    kept, lean_out, lean_grads = run()
+    assert not kept
+    monkeypatch.setattr(memory_encoder, "rebuilt_in_backward", lambda tensor, rebuild: contextlib.nullcontext())
+    kept, plain_out, plain_grads = run()
+    assert kept
+    torch.testing.assert_close(lean_out, plain_out, **EXACT)
+    for lean, plain in zip(lean_grads, plain_grads):
+        torch.testing.assert_close(lean, plain, **EXACT)
+
+
 def test_contexts_nest_and_each_rebuilds_its_own_tensor():
     x = _leaf(6, 8)
     kept = {}

@@ -9,10 +9,12 @@ projected to the (usually narrower) memory width. Attribute names (`encoder.<i>`
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from sam2.modeling.lean_autograd import rebuilt_in_backward
 from sam2.modeling.sam2_utils import DropPath, LayerNorm2d, get_clones
 
 
@@ -101,7 +103,12 @@ class CXBlock(nn.Module):
         """`[B, dim, H, W]` -> `[B, dim, H, W]`."""
         spatial = x.contiguous(memory_format=torch.channels_last) if _channels_last_pays(x) else x
         branch = self.norm(self.dwconv(spatial)).permute(0, 2, 3, 1)
-        branch = self.pwconv2(self.act(self.pwconv1(branch)))
+        hidden = self.pwconv1(branch)
+        activated = self.act(hidden)
+        # The activation keeps its input, so its output (4 * dim channels) is rebuilt from that in
+        # backward rather than kept for pwconv2 (sam2.modeling.lean_autograd).
+        with rebuilt_in_backward(activated, partial(self.act, hidden)):
+            branch = self.pwconv2(activated)
         if self.gamma is not None:
             branch = branch * self.gamma
         return x + self.drop_path(branch.permute(0, 3, 1, 2))
