@@ -77,6 +77,16 @@ def autocast_matmul_dtype(x: Tensor) -> torch.dtype | None:
     return dtype if dtype != x.dtype else None
 
 
+def rebuilt_activation(act: Callable[[Tensor], Tensor], pre_activation: Tensor, activated: Tensor) -> ContextManager[None]:
+    """While open, `activated = act(pre_activation)` is rebuilt in backward rather than kept by the
+    layer reading it, where that saves memory: a GELU keeps its input, so its output (the block's
+    widest tensor) need not be kept as well. A ReLU keeps its output, which the reader's saving
+    shares: nothing to gain, and this is a no-op."""
+    if not isinstance(act, torch.nn.GELU):
+        return contextlib.nullcontext()
+    return rebuilt_in_backward(activated, functools.partial(act, pre_activation))
+
+
 def _autocast_on(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 

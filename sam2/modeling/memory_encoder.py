@@ -9,12 +9,11 @@ projected to the (usually narrower) memory width. Attribute names (`encoder.<i>`
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from sam2.modeling.lean_autograd import rebuilt_in_backward
+from sam2.modeling.lean_autograd import rebuilt_activation
 from sam2.modeling.sam2_utils import DropPath, LayerNorm2d, get_clones
 
 
@@ -105,9 +104,8 @@ class CXBlock(nn.Module):
         branch = self.norm(self.dwconv(spatial)).permute(0, 2, 3, 1)
         hidden = self.pwconv1(branch)
         activated = self.act(hidden)
-        # The activation keeps its input, so its output (4 * dim channels) is rebuilt from that in
-        # backward rather than kept for pwconv2 (sam2.modeling.lean_autograd).
-        with rebuilt_in_backward(activated, partial(self.act, hidden)):
+        # The widest tensor (4 * dim channels): rebuilt in backward rather than kept for pwconv2.
+        with rebuilt_activation(self.act, hidden, activated):
             branch = self.pwconv2(activated)
         if self.gamma is not None:
             branch = branch * self.gamma

@@ -6,16 +6,15 @@ format and match the official release.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from functools import lru_cache, partial
-from typing import Callable, ContextManager
+from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sam2.modeling.lean_autograd import rebuilt_in_backward
+from sam2.modeling.lean_autograd import rebuilt_activation
 
 
 class MLP(nn.Module):
@@ -51,16 +50,9 @@ class MLP(nn.Module):
         x = first(x)
         for layer in rest:
             activated = self.act(x)
-            with self._keep_lean(activated, x):
+            with rebuilt_activation(self.act, x, activated):
                 x = layer(activated)
         return torch.sigmoid(x) if self.sigmoid_output else x
-
-    def _keep_lean(self, activated: Tensor, pre_activation: Tensor) -> ContextManager[None]:
-        # A GELU keeps its input for backward, so the next layer need not keep its output too:
-        # rebuilt from the input, it is the widest tensor of the block saved one time, not two.
-        if not isinstance(self.act, nn.GELU):
-            return contextlib.nullcontext()
-        return rebuilt_in_backward(activated, partial(self.act, pre_activation))
 
 
 class LayerNorm2d(nn.Module):
