@@ -47,9 +47,9 @@ def launches_kernels(func: torch._ops.OpOverload) -> bool:
 class LiveBytes(TorchDispatchMode):
     """Live bytes of the storages that dispatched ops create on the fake CUDA device, by creator."""
 
-    def __init__(self, part_of: dict[int, str]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.part_of, self.parts = part_of, []  # module id -> top-level name; stack of running parts
+        self.parts: list[str] = []  # the top-level parts whose forwards are running, innermost last
         self.refs: collections.Counter = collections.Counter()
         self.size: dict[int, int] = {}
         self.creator: dict[int, str] = {}
@@ -88,6 +88,9 @@ class LiveBytes(TorchDispatchMode):
         return dict(totals.most_common())
 
 
+_SDPA = F.scaled_dot_product_attention
+
+
 def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **extra):
     """`F.scaled_dot_product_attention` as a GPU runs it for these shapes: the flash kernel."""
     if attn_mask is None and not extra and q.device.type == "cuda" and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
@@ -97,9 +100,6 @@ def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         if q.dtype in (torch.bfloat16, torch.float16):
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
     return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
-
-
-_SDPA = F.scaled_dot_product_attention
 
 
 def fake_batch(frames: int, objects: int, resolution: int) -> Any:
@@ -139,7 +139,7 @@ def main() -> None:
         model = model.to("cuda")
         part_of = {id(m): name.split(".")[0] or "(model)" for name, m in model.named_modules()}
         part_of[id(loss)] = "loss"
-        live = LiveBytes(part_of)
+        live = LiveBytes()
 
         def entering(module: torch.nn.Module, _inputs: Any) -> None:
             live.parts.append(part_of.get(id(module), live.parts[-1] if live.parts else "(model)"))
