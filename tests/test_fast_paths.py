@@ -211,6 +211,21 @@ def test_compile_switches_build_with_unchanged_names():
     torch.testing.assert_close(compiled, eager, **EXACT)
 
 
+def test_compiled_image_encoder_trains_on_without_recompiling():
+    """After the first step the compiled image encoder is reused: its sine grids are built inside
+    the graph, not read from the cache (a graph that read the cache its own first trace filled
+    recompiled on the next step: a second full compile of the encoder)."""
+    model = visible_model(compile_image_encoder=True).train()
+    apply_training_optimizations(model, compile_options={"backend": "eager"})
+    batch = datapoint(batch_tensors())
+    torch._dynamo.reset()
+    loss_and_grads(model, batch)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            loss_and_grads(model, batch)
+    assert not model.image_encoder.neck.position_encoding.cache
+
+
 @pytest.mark.slow
 def test_inductor_compiled_image_encoder_matches_eager():
     model = visible_model().eval()
@@ -233,11 +248,14 @@ def test_inductor_compiled_image_encoder_matches_eager():
 @pytest.mark.slow
 def test_compiled_memory_attention_trains_like_eager_as_the_memory_grows():
     """The compiled memory attention (`compile_memory_attention`) traces the rotary Functions with
-    dynamic shapes and without graph breaks: 1 then 3 memory frames plus pointer tokens, forward
-    and backward, through AOTAutograd (no C++ compiler needed)."""
+    dynamic shapes and without graph breaks: 1, 3, 1, then 2 memory frames plus pointer tokens, forward
+    and backward, through AOTAutograd (no C++ compiler needed). Two graphs serve every memory
+    size: one for a single memory frame (a size 1 is always specialized), one for any other; the
+    rotary tables are built inside them, whatever the tables' cache holds."""
     from torch._dynamo.utils import counters
 
     from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
+    from sam2.modeling.position_encoding import AxialRotaryTables
     from sam2.modeling.sam.transformer import RoPEAttention
 
     torch.manual_seed(0)
@@ -253,19 +271,21 @@ def test_compiled_memory_attention_trains_like_eager_as_the_memory_grows():
     compiled.compile(backend="aot_eager", dynamic=True)  # as compile_memory_attention does, CPU-only backend
     torch._dynamo.reset()
     counters.clear()
-    for frames in (1, 3):
+    AxialRotaryTables._tables.clear()  # cold, as in a new process
+    for frames in (1, 3, 1, 2):
         gen = torch.Generator().manual_seed(frames)
         curr, pos = torch.randn(2, 16, 2, 32, generator=gen)
         memory, memory_pos = torch.randn(2, 16 * frames + 4, 2, 16, generator=gen)
         results = []
-        for module in (eager, compiled):
+        for module in (compiled, eager):  # the compiled one first: it meets the cache cold
             module.zero_grad(set_to_none=True)
             inputs = [t.clone().requires_grad_() for t in (curr, memory)]
             out = module(inputs[0], inputs[1], curr_pos=pos, memory_pos=memory_pos, num_obj_ptr_tokens=4)
             out.square().sum().backward()
             results.append([out.detach(), *(t.grad for t in inputs), *(p.grad for p in module.parameters())])
-        torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2
 
 def test_cpu_optimizer_is_fused_and_steps_like_the_single_tensor_one():
     from tests.test_optimizer import _mose_optim, _tiny_model

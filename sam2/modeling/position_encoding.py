@@ -53,8 +53,10 @@ class PositionEmbeddingSine(nn.Module):
         temperature: longest wavelength scale.
         normalize: map grid coordinates to `(0, scale]` before encoding.
         scale: coordinate range when normalizing (default `2 * pi`).
-        warmup_cache: on CUDA, precompute the grids for `image_size // stride` so a compiled
-            model never builds them inside the graph.
+        warmup_cache: on CUDA, precompute the grids for `image_size // stride`. (A compiled model
+            builds its grids inside the graph instead: reading or filling the cache while
+            tracing would make the compiled code guard on its contents and recompile once
+            they change.)
         image_size, strides: which grid sizes the warm-up fills.
     """
 
@@ -113,9 +115,10 @@ class PositionEmbeddingSine(nn.Module):
 
     @torch.no_grad()
     def _grid(self, height: int, width: int, device: torch.device) -> Tensor:
-        """The `[C, H, W]` encoding of an `H x W` grid, cached per size."""
+        """The `[C, H, W]` encoding of an `H x W` grid, cached per size (not while compiling)."""
         key = (height, width)
-        cached = self.cache.get(key)
+        compiling = torch.compiler.is_compiling()
+        cached = None if compiling else self.cache.get(key)
         if cached is not None:
             return cached.to(device)
         # Grid coordinates start at 1 so that, normalized, they end exactly at `scale`.
@@ -129,7 +132,8 @@ class PositionEmbeddingSine(nn.Module):
         pos_y = _interleaved_sine(y[:, None] / freqs)[:, None, :].expand(height, width, -1)
         pos_x = _interleaved_sine(x[:, None] / freqs)[None, :, :].expand(height, width, -1)
         grid = torch.cat((pos_y, pos_x), dim=-1).permute(2, 0, 1).contiguous()
-        self.cache[key] = grid
+        if not compiling:
+            self.cache[key] = grid
         return grid
 
     @torch.no_grad()
@@ -208,7 +212,13 @@ class AxialRotaryTables:
     def get(self, end_x: int, end_y: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(cos, sin), each `[end_x * end_y, head_dim / 2]` float32 on `device`, cached per size and
         device. Keys spanning several grids (memory frames) broadcast them over the frames rather
-        than repeat them, so one table serves any number of memories."""
+        than repeat them, so one table serves any number of memories.
+
+        While compiling, the tables are built inside the graph and not cached: a graph that read
+        or filled the cache would guard on its contents and recompile when they change."""
+        if torch.compiler.is_compiling():
+            angles = self.angles(end_x, end_y).to(device)
+            return angles.cos(), angles.sin()
         key = (self.head_dim, self.theta, end_x, end_y, torch.device(device))
         tables = self._tables.get(key)
         if tables is None:
