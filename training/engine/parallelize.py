@@ -9,7 +9,8 @@ turns on, by config, for an already-built `SAM2Base`/`SAM2Train`:
   same random masks in the recomputation (checkpoint restores the RNG state), so outputs and
   gradients are unchanged;
 - `torch.compile` of the image encoder (the official `compile_image_encoder` flag, read from
-  the model) and optionally of the memory attention.
+  the model), optionally of the memory attention, and of any other named parts (the heads that
+  run once per frame or click: prompt encoder, mask decoder, memory encoder).
 
 Both patch only the instance's `forward` (`nn.Module.compile` for compilation), so parameter
 names, state dicts and checkpoints are exactly those of the plain model.
@@ -102,6 +103,7 @@ def apply_training_optimizations(
     activation_checkpointing: bool | str | Iterable[str] | None = False,
     compile_image_encoder: bool | None = None,
     compile_memory_attention: bool = False,
+    compile_modules: Iterable[str] = (),
     compile_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Apply the configured fast paths and memory switches to `model` in place; returns it.
@@ -118,6 +120,9 @@ def apply_training_optimizations(
             own `compile_image_encoder` flag (the official config key).
         compile_memory_attention: `torch.compile` the memory attention (its memory length
             varies between frames, so the default options compile it with dynamic shapes).
+        compile_modules: names of further parts of `model` (its direct children, e.g.
+            `sam_mask_decoder`, `sam_prompt_encoder`, `memory_encoder`) to `torch.compile` with
+            dynamic shapes: their inputs change with the prompts and objects of each frame.
         compile_options: keyword arguments for `torch.compile` (e.g. `{"mode": "max-autotune"}`).
     """
     for part in _checkpoint_parts(activation_checkpointing):
@@ -132,4 +137,14 @@ def apply_training_optimizations(
         if getattr(model, "memory_attention", None) is None:
             raise ValueError("compile_memory_attention is set but the model has no memory_attention")
         _compile_in_place(model.memory_attention, {"dynamic": True, **options})
+    parts = dict(model.named_children())
+    for name in compile_modules:
+        if name in ("image_encoder", "memory_attention"):
+            raise ValueError(f"compile_modules names {name!r}: use its own switch, compile_{name}")
+        if name not in parts:
+            raise ValueError(
+                f"compile_modules names {name!r}, which is not a part of {type(model).__name__}; "
+                f"its parts are {sorted(parts)}"
+            )
+        _compile_in_place(parts[name], {"dynamic": True, **options})
     return model
