@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --frames 4 --resolution 256 --steps 3 [--cprofile] [--torch-profiler]
     python benchmarks/profile_step.py --opt activation_checkpointing=true   # a fast path on
+    python benchmarks/profile_step.py --opt compile_modules=sam_mask_decoder,memory_encoder
 
 Builds the model and loss from the benchmark's training config (`train_config.py`: the official
 MOSE fine-tune settings, tiny trunk), so it runs the same work as `bench_train_step.py` minus
@@ -60,8 +61,12 @@ def build(args: argparse.Namespace):
     if args.opt:
         from training.engine.parallelize import apply_training_optimizations
 
-        options = {k: v.lower() in ("1", "true", "yes") if v.lower() in ("1", "0", "true", "false", "yes", "no") else v
-                   for k, v in (item.split("=", 1) for item in args.opt)}
+        def value(text: str) -> bool | str | list[str]:
+            if text.lower() in ("1", "0", "true", "false", "yes", "no"):
+                return text.lower() in ("1", "true", "yes")
+            return text.split(",") if "," in text else text
+
+        options = {key: value(text) for key, text in (item.split("=", 1) for item in args.opt)}
         model = apply_training_optimizations(model, **options)
     model.train()
     return model, loss

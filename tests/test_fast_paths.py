@@ -293,6 +293,8 @@ def test_compile_modules_names_the_models_parts():
         apply_training_optimizations(model, compile_modules=["mask_decoder"])
     with pytest.raises(ValueError, match="compile_image_encoder"):
         apply_training_optimizations(model, compile_modules=["image_encoder"])
+    apply_training_optimizations(model, compile_modules="sam_mask_decoder", compile_options={"backend": "eager"})
+    assert model.sam_mask_decoder._compiled_call_impl is not None and model.memory_encoder._compiled_call_impl is None
 
 
 @pytest.mark.slow

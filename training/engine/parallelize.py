@@ -103,7 +103,7 @@ def apply_training_optimizations(
     activation_checkpointing: bool | str | Iterable[str] | None = False,
     compile_image_encoder: bool | None = None,
     compile_memory_attention: bool = False,
-    compile_modules: Iterable[str] = (),
+    compile_modules: str | Iterable[str] = (),
     compile_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Apply the configured fast paths and memory switches to `model` in place; returns it.
@@ -138,7 +138,7 @@ def apply_training_optimizations(
             raise ValueError("compile_memory_attention is set but the model has no memory_attention")
         _compile_in_place(model.memory_attention, {"dynamic": True, **options})
     parts = dict(model.named_children())
-    for name in compile_modules:
+    for name in [compile_modules] if isinstance(compile_modules, str) else compile_modules:
         if name in ("image_encoder", "memory_attention"):
             raise ValueError(f"compile_modules names {name!r}: use its own switch, compile_{name}")
         if name not in parts:
