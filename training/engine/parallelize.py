@@ -121,8 +121,11 @@ def apply_training_optimizations(
         compile_memory_attention: `torch.compile` the memory attention (its memory length
             varies between frames, so the default options compile it with dynamic shapes).
         compile_modules: names of further parts of `model` (its direct children, e.g.
-            `sam_mask_decoder`, `sam_prompt_encoder`, `memory_encoder`) to `torch.compile` with
-            dynamic shapes: their inputs change with the prompts and objects of each frame.
+            `sam_mask_decoder`, `sam_prompt_encoder`, `memory_encoder`) to `torch.compile`. With
+            static shapes by default: one graph per input layout (prompt kind and count, objects),
+            up to torch's recompile limit, past which a part runs eagerly. (With dynamic shapes,
+            inductor in torch 2.14 failed a stride assertion in the mask decoder's backward
+            once the number of prompt tokens changed.)
         compile_options: keyword arguments for `torch.compile` (e.g. `{"mode": "max-autotune"}`).
     """
     for part in _checkpoint_parts(activation_checkpointing):
@@ -146,5 +149,5 @@ def apply_training_optimizations(
                 f"compile_modules names {name!r}, which is not a part of {type(model).__name__}; "
                 f"its parts are {sorted(parts)}"
             )
-        _compile_in_place(parts[name], {"dynamic": True, **options})
+        _compile_in_place(parts[name], {"dynamic": False, **options})
     return model
