@@ -217,18 +217,20 @@ class AxialRotaryTables:
         While compiling, the tables are built inside the graph and not cached: a graph that read
         or filled the cache would guard on its contents and recompile when they change."""
         if torch.compiler.is_compiling():
-            angles = self.angles(end_x, end_y).to(device)
-            return angles.cos(), angles.sin()
+            return self._cos_sin(end_x, end_y, device)
         key = (self.head_dim, self.theta, end_x, end_y, torch.device(device))
         tables = self._tables.get(key)
         if tables is None:
             # Plain tensors even when first asked for under inference mode, so that training
             # can save them for backward later.
             with torch.inference_mode(False):
-                angles = self.angles(end_x, end_y).to(device)
-                tables = (angles.cos(), angles.sin())
+                tables = self._cos_sin(end_x, end_y, device)
             self._tables[key] = tables
         return tables
+
+    def _cos_sin(self, end_x: int, end_y: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        angles = self.angles(end_x, end_y).to(device)
+        return angles.cos(), angles.sin()
 
 
 def pairs_to_halves(x: Tensor, head_dim: int, dim: int = -1) -> Tensor:
