@@ -226,6 +226,33 @@ def test_compiled_image_encoder_trains_on_without_recompiling():
     assert not model.image_encoder.neck.position_encoding.cache
 
 
+@pytest.mark.parametrize("attend_padding", [False, True], ids=["cpu_windows", "gpu_windows"])
+def test_compiled_hiera_trains_like_eager(attend_padding, monkeypatch):
+    """Hiera compiled as `compile_image_encoder` compiles it (static shapes), traced forward and
+    backward through AOTAutograd (its custom autograd Functions included; no C++ compiler
+    needed), on a 112 px input whose windows padding cuts, on both padded-window paths (the
+    CPU's, and the one batch a GPU runs): same features and gradients as eager, no graph break."""
+    from torch._dynamo.utils import counters
+
+    from sam2.modeling.backbones.hieradet import MultiScaleAttention
+
+    monkeypatch.setattr(MultiScaleAttention, "attend_padding", attend_padding)
+    eager = visible_model().image_encoder.trunk.train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager", dynamic=False)
+    torch._dynamo.reset()
+    counters.clear()
+    images = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    results = []
+    for trunk in (compiled, eager):
+        features = trunk(images.clone().requires_grad_())
+        sum(f.square().mean() for f in features).backward()
+        results.append([f.detach() for f in features] + [p.grad for p in trunk.parameters()])
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.slow
 def test_inductor_compiled_image_encoder_matches_eager():
     model = visible_model().eval()
