@@ -272,3 +272,20 @@ def test_memory_benchmark_measures_both_sides_on_fake_cuda(reference, tmp_path: 
     assert row["ours_forward_ops"] > 0 and row["reference_forward_ops"] > 0, row
     record = json.loads((tmp_path / "work" / "tiny-256px-2f" / "ours" / "record.json").read_text())
     assert sum(record["kept_by_part"].values()) == record["kept_bytes"]
+
+
+def test_host_ops_benchmark_counts_both_sides_by_part(reference, tmp_path: Path) -> None:
+    from benchmarks.bench_host_ops import main
+
+    rows = main(["--quick", "--results-dir", str(tmp_path), "--workdir", str(tmp_path / "work")])
+    assert (tmp_path / "host_ops.md").is_file() and (tmp_path / "host_ops.json").is_file()
+    (row,) = rows
+    assert row["errors"] is None, row
+    for side in ("reference", "ours"):
+        record = json.loads((tmp_path / "work" / "tiny-64px-2f" / side / "record.json").read_text())
+        assert record["forward_ops"] == sum(record["forward_ops_by_part"].values()) > 0
+        assert record["backward_ops"] == sum(record["backward_ops_by_part"].values()) > record["forward_ops"]
+        assert record["python_calls"] > record["forward_ops"]
+        # Every backward op is traced to a part but the engine's seed gradient of the loss.
+        assert record["backward_ops_by_part"].get("(untagged)", 0) <= 1, record["backward_ops_by_part"]
+        assert {"image_encoder", "sam_mask_decoder", "sam_prompt_encoder", "loss"} <= record["backward_ops_by_part"].keys()
