@@ -11,6 +11,8 @@ backward will read) and the forward's peak, with their ratios ours/reference, an
 keeps them. What it leaves out, which a GPU's `max_memory_allocated` counts: weights, gradients
 and optimizer state (the same on both sides) and the backward's transient buffers. So it tracks
 the activation part of the GPU target; `bench_train_step.py` on a GPU measures the whole.
+The same forward also gives a proxy of the device's work: the memory traffic and FLOPs of its
+ops, and the roofline time they would take on an H100.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ COLUMNS = [
     ("reference_forward_ops", "ref fwd ops"),
     ("ours_forward_ops", "ours fwd ops"),
     ("ops_ratio", "fwd ops ours/ref"),
+    ("reference_traffic_gib", "ref fwd traffic GiB"),
+    ("ours_traffic_gib", "ours fwd traffic GiB"),
+    ("reference_roofline_ms", "ref fwd roofline ms"),
+    ("ours_roofline_ms", "ours fwd roofline ms"),
+    ("roofline_ratio", "fwd roofline ours/ref"),
     ("ours_kept_by_part", "ours kept by part (GiB)"),
     ("reference_kept_by_part", "ref kept by part (GiB)"),
     ("errors", "errors"),
@@ -95,10 +102,13 @@ def measure(case: TrainCase, workdir: Path, timeout: float | None) -> dict[str, 
         row[f"{side}_peak_gib"] = gib(records[side]["forward_peak_bytes"])
         row[f"{side}_kept_by_part"] = by_part(records[side])
         row[f"{side}_forward_ops"] = records[side]["forward_ops"]
+        row[f"{side}_traffic_gib"] = gib(records[side]["forward_bytes"])
+        row[f"{side}_roofline_ms"] = round(records[side]["forward_roofline_s"] * 1e3, 1)
     if len(records) == 2:
         row["kept_ratio"] = ratio(records["ours"]["kept_bytes"], records["reference"]["kept_bytes"])
         row["peak_ratio"] = ratio(records["ours"]["forward_peak_bytes"], records["reference"]["forward_peak_bytes"])
         row["ops_ratio"] = ratio(records["ours"]["forward_ops"], records["reference"]["forward_ops"])
+        row["roofline_ratio"] = ratio(records["ours"]["forward_roofline_s"], records["reference"]["forward_roofline_s"])
     row["errors"] = "; ".join(errors) or None
     return row
 
@@ -129,7 +139,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "the most bytes live during that forward. Both leave out weights, gradients and optimizer state (equal on "
         "both sides) and backward's transient buffers. bf16 autocast with CUDA's rules; attention as the flash "
         "kernel. fwd ops: dispatched forward ops that launch kernels (not views, allocations or device queries), "
-        "a proxy for the host's work in a host-bound GPU step. Ratios below 1 favour ours."
+        "a proxy for the host's work in a host-bound GPU step. fwd traffic: bytes those ops read and write; fwd "
+        "roofline: per op the longer of its traffic at 3.35 TB/s and its FLOPs at 989 TFLOP/s (bf16) or 67 "
+        "(fp32), summed (H100 SXM peaks), a proxy for the device's work. Ratios below 1 favour ours."
     )
     md, _ = write_report(
         "memory", title="GPU training memory (fake CUDA): ours vs reference", columns=COLUMNS, rows=rows,

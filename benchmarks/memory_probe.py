@@ -13,7 +13,11 @@ Every storage a dispatched op creates is tracked until its last tensor dies. The
 peak of live bytes during the forward, the bytes still live after it (the activations kept for
 backward, plus the loss), and the latter split by the top-level module that created them; and
 the number of forward ops a GPU launches kernels for (not views, allocations or `prim` queries):
-a proxy for the host's share of a host-bound step.
+a proxy for the host's share of a host-bound step. For the device's share, each such op's memory
+traffic (the elements its tensor arguments and outputs address, once each) and FLOPs (torch's
+flop counter: matmuls, convolutions, attention) are summed, by part, and turned into a roofline
+time on an H100 SXM: per op, the longer of its traffic at 3.35 TB/s and its FLOPs at 989 TFLOP/s
+(bfloat16 or float16 inputs) or 67 TFLOP/s (float32).
 
     python benchmarks/memory_probe.py --spec spec.json --out record.json
 """
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 sys.path.pop(0)  # run as a script: import the side's packages, not this folder's
 
@@ -44,6 +49,33 @@ def launches_kernels(func: torch._ops.OpOverload) -> bool:
     return not func.is_view and func.namespace != "prim" and func._opname not in NO_KERNEL
 
 
+# H100 SXM datasheet peaks: HBM3 bandwidth, dense tensor-core bfloat16/float16 and float32 (no TF32).
+BYTES_PER_S = 3.35e12
+LOW_PRECISION_FLOPS_PER_S = 989e12
+FLOAT32_FLOPS_PER_S = 67e12
+
+
+def addressed_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor addresses (an expanded dimension reads once)."""
+    elements = 1
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        if stride != 0:
+            elements *= size
+    return elements * tensor.element_size()
+
+
+def device_work(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> tuple[int, int, float]:
+    """(bytes read and written, FLOPs, roofline seconds) of one kernel-launching op."""
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    traffic = sum(addressed_bytes(t) for t in inputs + outputs)
+    count = flop_registry.get(func._overloadpacket)
+    flops = int(count(*args, **kwargs, out_val=out)) if count is not None else 0
+    low_precision = any(t.dtype in (torch.bfloat16, torch.float16) for t in inputs)
+    peak = LOW_PRECISION_FLOPS_PER_S if low_precision else FLOAT32_FLOPS_PER_S
+    return traffic, flops, max(traffic / BYTES_PER_S, flops / peak)
+
+
 class LiveBytes(TorchDispatchMode):
     """Live bytes of the storages that dispatched ops create on the fake CUDA device, by creator."""
 
@@ -54,10 +86,16 @@ class LiveBytes(TorchDispatchMode):
         self.size: dict[int, int] = {}
         self.creator: dict[int, str] = {}
         self.live = self.peak = self.ops = 0
+        self.device = collections.defaultdict(lambda: [0, 0, 0.0])  # part -> bytes, FLOPs, roofline s
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += launches_kernels(func)
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if launches_kernels(func):
+            self.ops += 1
+            work = self.device[self.parts[-1] if self.parts else "(outside modules)"]
+            for i, amount in enumerate(device_work(func, args, kwargs, out)):
+                work[i] += amount
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
                 self._track(tensor)
@@ -167,7 +205,13 @@ def main() -> None:
                 "kept_bytes": live.live,
                 "kept_by_part": live.by_creator(),
                 "forward_ops": live.ops,
+                "forward_device_by_part": {
+                    part: {"bytes": work[0], "flops": work[1], "roofline_s": work[2]}
+                    for part, work in sorted(live.device.items(), key=lambda item: -item[1][2])
+                },
             }
+            for key, index in (("bytes", 0), ("flops", 1), ("roofline_s", 2)):
+                record[f"forward_{key}"] = sum(work[index] for work in live.device.values())
             del losses
         enter.remove()
         leave.remove()

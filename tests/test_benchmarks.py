@@ -272,6 +272,10 @@ def test_memory_benchmark_measures_both_sides_on_fake_cuda(reference, tmp_path: 
     assert row["ours_forward_ops"] > 0 and row["reference_forward_ops"] > 0, row
     record = json.loads((tmp_path / "work" / "tiny-256px-2f" / "ours" / "record.json").read_text())
     assert sum(record["kept_by_part"].values()) == record["kept_bytes"]
+    by_part = record["forward_device_by_part"]
+    assert record["forward_flops"] == sum(work["flops"] for work in by_part.values()) > 0
+    assert record["forward_bytes"] == sum(work["bytes"] for work in by_part.values()) > 0
+    assert 0 < row["ours_roofline_ms"] and 0 < row["reference_roofline_ms"], row
 
 
 def test_host_ops_benchmark_counts_both_sides_by_part(reference, tmp_path: Path) -> None:
