@@ -7,6 +7,12 @@ its own process; the reference one imports the official sources (.cache/sam2-ref
 
     python benchmarks/bench_data.py                       # writes benchmarks/results/bench_data.{md,json}
     python benchmarks/bench_data.py --clips 24 --frame-size 720 1280 --workers 0 2
+    python benchmarks/bench_data.py --epoch-start --workers 2 8   # what persistent workers would save
+
+`--epoch-start` measures, in one process of ours, what a new epoch costs before its first batch:
+the trainer builds each epoch's DataLoader afresh, so its workers start again, against a
+`persistent_workers` DataLoader iterated again. The process holds `--parent-gib` of tensors, as a
+trainer holds its model and optimizer state (forking copies its page tables).
 """
 
 from __future__ import annotations
@@ -92,6 +98,55 @@ def run_worker(args: argparse.Namespace) -> dict:
         "cpu_s_per_clip": cpu / args.clips,
         "img_batch_shape": shape,
     }
+
+
+def run_epoch_start(args: argparse.Namespace, img_folder: str, gt_folder: str) -> list[dict]:
+    """Seconds from iter() to the first batch: a fresh DataLoader (workers start) against a
+    persistent one iterated again (workers kept), medians of `--rounds`, per worker count."""
+    from functools import partial
+
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    sys.path.insert(0, str(REPO))
+    from training.dataset import transforms as T
+    from training.dataset.vos_dataset import VOSDataset
+    from training.dataset.vos_raw_dataset import PNGRawDataset
+    from training.dataset.vos_sampler import RandomUniformSampler
+    from training.utils.data_utils import collate_fn
+
+    torch.set_num_threads(args.threads)
+    ballast = torch.ones(int(args.parent_gib * 2**30) // 4)  # noqa: F841 - resident, like a trainer's state
+    dataset = VOSDataset(
+        mose_transforms(T, args.resolution), True, PNGRawDataset(img_folder, gt_folder),
+        RandomUniformSampler(num_frames=args.num_frames, max_num_objects=3), multiplier=1,
+    )  # fmt: skip
+
+    def loader(workers: int, persistent: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=1, sampler=RandomSampler(dataset, replacement=True, num_samples=args.clips),
+            num_workers=workers, collate_fn=partial(collate_fn, dict_key="all"), persistent_workers=persistent,
+        )  # fmt: skip
+
+    def first_batch_seconds(data: DataLoader) -> float:
+        start = time.perf_counter()
+        batches = iter(data)
+        next(batches)
+        seconds = time.perf_counter() - start
+        for _ in batches:  # finish the epoch, as the trainer does
+            pass
+        return seconds
+
+    rows = []
+    for workers in [w for w in args.workers if w > 0]:
+        fresh = [first_batch_seconds(loader(workers, persistent=False)) for _ in range(args.rounds)]
+        kept = loader(workers, persistent=True)
+        first_batch_seconds(kept)  # its workers start here, once
+        again = [first_batch_seconds(kept) for _ in range(args.rounds)]
+        rows.append({"workers": workers, "fresh_s": statistics.median(fresh), "persistent_s": statistics.median(again)})
+        print(f"workers={workers}: first batch of an epoch {rows[-1]['fresh_s']:.3f} s with a fresh DataLoader, "
+              f"{rows[-1]['persistent_s']:.3f} s with persistent workers", flush=True)  # fmt: skip
+    return rows
 
 
 def _cpu_seconds() -> float:
@@ -201,9 +256,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating reference/ours runs per setting")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per process")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--epoch-start", action="store_true", help="time an epoch's first batch, workers started or kept")
+    parser.add_argument("--parent-gib", type=float, default=3.0, help="with --epoch-start: tensors the process holds")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_worker(args)))
+        return
+    if args.epoch_start:
+        with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+            folders = make_dataset(Path(tmp), args.videos, args.frames_per_video, tuple(args.frame_size))
+            rows = run_epoch_start(args, *folders)
+        os.makedirs(args.out, exist_ok=True)
+        Path(args.out, "bench_data_epoch_start.json").write_text(json.dumps(rows, indent=2))
         return
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
