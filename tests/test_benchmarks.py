@@ -293,3 +293,17 @@ def test_host_ops_benchmark_counts_both_sides_by_part(reference, tmp_path: Path)
         # Every backward op is traced to a part but the engine's seed gradient of the loss.
         assert record["backward_ops_by_part"].get("(untagged)", 0) <= 1, record["backward_ops_by_part"]
         assert {"image_encoder", "sam_mask_decoder", "sam_prompt_encoder", "loss"} <= record["backward_ops_by_part"].keys()
+
+
+def test_data_benchmark_writes_its_table_and_times_an_epoch_start(reference, tmp_path: Path) -> None:
+    small = ["--clips", "2", "--rounds", "1", "--resolution", "64", "--num-frames", "2", "--frame-size", "48", "64",
+             "--videos", "1", "--frames-per-video", "3", "--out", str(tmp_path)]  # fmt: skip
+    script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "bench_data.py")
+    subprocess.run([sys.executable, script, *small, "--workers", "0"], check=True, capture_output=True, timeout=600)
+    (row,) = json.loads((tmp_path / "bench_data.json").read_text())["rows"]
+    assert row["workers"] == 0 and row["ours_clips_per_s"] > 0 and row["reference_clips_per_s"] > 0, row
+    assert (tmp_path / "bench_data.md").is_file()
+    extra = ["--epoch-start", "--workers", "1", "--parent-gib", "0.01"]
+    subprocess.run([sys.executable, script, *small, *extra], check=True, capture_output=True, timeout=600)
+    (row,) = json.loads((tmp_path / "bench_data_epoch_start.json").read_text())
+    assert row["workers"] == 1 and row["fresh_s"] > 0 and row["persistent_s"] > 0, row
