@@ -278,6 +278,8 @@ def test_memory_benchmark_measures_both_sides_on_fake_cuda(reference, tmp_path: 
     assert 0 < row["ours_roofline_ms"] and 0 < row["reference_roofline_ms"], row
 
 
+@pytest.mark.slow
+@pytest.mark.reference
 def test_host_ops_benchmark_counts_both_sides_by_part(reference, tmp_path: Path) -> None:
     from benchmarks.bench_host_ops import main
 
@@ -295,6 +297,8 @@ def test_host_ops_benchmark_counts_both_sides_by_part(reference, tmp_path: Path)
         assert {"image_encoder", "sam_mask_decoder", "sam_prompt_encoder", "loss"} <= record["backward_ops_by_part"].keys()
 
 
+@pytest.mark.slow
+@pytest.mark.reference
 def test_data_benchmark_writes_its_table_and_times_an_epoch_start(reference, tmp_path: Path) -> None:
     small = ["--clips", "2", "--rounds", "1", "--resolution", "64", "--num-frames", "2", "--frame-size", "48", "64",
              "--videos", "1", "--frames-per-video", "3", "--out", str(tmp_path)]  # fmt: skip
