@@ -43,14 +43,6 @@ from benchmarks.train_config import GPU_CASES, TrainCase
 
 PROBE = BENCH_DIR / "host_ops_probe.py"
 QUICK_CASE = TrainCase("tiny-64px-2f", "tiny", 64, num_frames=2, max_num_objects=2)
-# The same prompts on both sides: clicks only, on fixed frames (the MOSE config draws them).
-DETERMINISTIC_PROMPTS = {
-    "prob_to_use_pt_input_for_train": 1.0,
-    "prob_to_use_box_input_for_train": 0.0,
-    "prob_to_sample_from_gt_for_train": 0.0,
-    "rand_init_cond_frames_for_train": False,
-    "rand_frames_to_correct_for_train": False,
-}
 COLUMNS = [
     ("case", "case"),
     ("reference_forward_ops", "ref fwd ops"),
@@ -81,7 +73,6 @@ def by_part(records: dict[str, dict[str, Any]]) -> str:
 
 def measure(case: TrainCase, workdir: Path, timeout: float | None) -> dict[str, Any]:
     spec = spec_for(case)
-    spec["model"].update(DETERMINISTIC_PROMPTS)
     spec_file = workdir / case.name / "spec.json"
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec))

@@ -1,18 +1,18 @@
-"""GPU training memory without a GPU: the activations each side keeps for backward, ours vs reference.
+"""GPU training memory without a GPU: what each side's training step holds at its peak, ours vs reference.
 
     python benchmarks/bench_memory.py                      # the GPU cases of bench_train_step.py
     python benchmarks/bench_memory.py --cases base_plus-1024px-8f
     python benchmarks/bench_memory.py --quick              # a tiny case, for CI
 
 For each case, both sides build the model and loss from the same training config
-(`train_config.py`) and run the training forward on fake CUDA tensors under CUDA autocast's rules
+(`train_config.py`, with deterministic prompts so that both take the same branches) and run the
+training forward, the loss and the backward on fake CUDA tensors under CUDA autocast's rules
 (`memory_probe.py` says how). The table gives the bytes still live after forward and loss (what
-backward will read) and the forward's peak, with their ratios ours/reference, and where ours
-keeps them. What it leaves out, which a GPU's `max_memory_allocated` counts: weights, gradients
-and optimizer state (the same on both sides) and the backward's transient buffers. So it tracks
-the activation part of the GPU target; `bench_train_step.py` on a GPU measures the whole.
-The same forward also gives a proxy of the device's work: the memory traffic and FLOPs of its
-ops, and the roofline time they would take on an H100.
+backward will read), the forward's peak, and the step's peak: weights and AdamW state plus the
+most bytes live in forward or backward, which is what a GPU's `max_memory_allocated` reads less
+the allocator's rounding. Ratios are ours/reference. The same forward also gives a proxy of the
+device's work: the memory traffic and FLOPs of its ops, and the roofline time they would take on
+an H100.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from benchmarks.common import (
     run_probe,
     write_report,
 )
-from benchmarks.train_config import GPU_CASES, TrainCase, model_and_loss_configs
+from benchmarks.train_config import DETERMINISTIC_PROMPTS, GPU_CASES, TrainCase, model_and_loss_configs
 
 PROBE = BENCH_DIR / "memory_probe.py"
 QUICK_CASE = TrainCase("tiny-256px-2f", "tiny", 256, num_frames=2, max_num_objects=2, amp_dtype="bfloat16")
@@ -50,6 +50,9 @@ COLUMNS = [
     ("reference_peak_gib", "ref fwd peak GiB"),
     ("ours_peak_gib", "ours fwd peak GiB"),
     ("peak_ratio", "fwd peak ours/ref"),
+    ("reference_step_peak_gib", "ref step peak GiB"),
+    ("ours_step_peak_gib", "ours step peak GiB"),
+    ("step_peak_ratio", "step peak ours/ref"),
     ("reference_forward_ops", "ref fwd ops"),
     ("ours_forward_ops", "ours fwd ops"),
     ("ops_ratio", "fwd ops ours/ref"),
@@ -65,16 +68,24 @@ COLUMNS = [
 
 
 def spec_for(case: TrainCase) -> dict[str, Any]:
-    """The resolved model and loss configs of `case`'s training config, and its batch shape."""
+    """The resolved model and loss configs of `case`'s training config, with deterministic prompts
+    (both sides take the same branches), and its batch shape."""
     model, loss = model_and_loss_configs(reference_root(), case, device="cuda")
     return {
-        "model": model,
+        "model": {**model, **DETERMINISTIC_PROMPTS},
         "loss": loss,
         "frames": case.num_frames,
         "objects": case.max_num_objects,
         "resolution": case.resolution,
         "amp_dtype": case.amp_dtype,
     }
+
+
+def step_peak_bytes(record: dict[str, Any]) -> int:
+    """The training step's peak: weights and AdamW's two moments (held all step) plus the most
+    bytes live during forward or backward (activations, gradients, transient buffers)."""
+    held = record["parameter_bytes"] + 2 * record["trainable_bytes"]
+    return held + max(record["forward_peak_bytes"], record["backward_peak_bytes"])
 
 
 def by_part(record: dict[str, Any]) -> str:
@@ -101,12 +112,14 @@ def measure(case: TrainCase, workdir: Path, timeout: float | None) -> dict[str, 
         row[f"{side}_kept_gib"] = gib(records[side]["kept_bytes"])
         row[f"{side}_peak_gib"] = gib(records[side]["forward_peak_bytes"])
         row[f"{side}_kept_by_part"] = by_part(records[side])
+        row[f"{side}_step_peak_gib"] = gib(step_peak_bytes(records[side]))
         row[f"{side}_forward_ops"] = records[side]["forward_ops"]
         row[f"{side}_traffic_gib"] = gib(records[side]["forward_bytes"])
         row[f"{side}_roofline_ms"] = round(records[side]["forward_roofline_s"] * 1e3, 1)
     if len(records) == 2:
         row["kept_ratio"] = ratio(records["ours"]["kept_bytes"], records["reference"]["kept_bytes"])
         row["peak_ratio"] = ratio(records["ours"]["forward_peak_bytes"], records["reference"]["forward_peak_bytes"])
+        row["step_peak_ratio"] = ratio(step_peak_bytes(records["ours"]), step_peak_bytes(records["reference"]))
         row["ops_ratio"] = ratio(records["ours"]["forward_ops"], records["reference"]["forward_ops"])
         row["roofline_ratio"] = ratio(records["ours"]["forward_roofline_s"], records["reference"]["forward_roofline_s"])
     row["errors"] = "; ".join(errors) or None
@@ -136,9 +149,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     }
     notes = (
         "kept: bytes live after the training forward and the loss, i.e. the activations backward reads; fwd peak: "
-        "the most bytes live during that forward. Both leave out weights, gradients and optimizer state (equal on "
-        "both sides) and backward's transient buffers. bf16 autocast with CUDA's rules; attention as the flash "
-        "kernel. fwd ops: dispatched forward ops that launch kernels (not views, allocations or device queries), "
+        "the most bytes live during that forward; step peak: weights and AdamW state plus the most bytes live in "
+        "forward or backward (run node by node), what torch.cuda.max_memory_allocated reads less the allocator's "
+        "rounding. Deterministic prompts (every prompted frame clicked, fixed corrected frames). bf16 autocast "
+        "with CUDA's rules; attention as the flash kernel. fwd ops: dispatched forward ops that launch kernels (not views, allocations or device queries), "
         "a proxy for the host's work in a host-bound GPU step. fwd traffic: bytes those ops read and write; fwd "
         "roofline: per op the longer of its traffic at 3.35 TB/s and its FLOPs at 989 TFLOP/s (bf16) or 67 "
         "(fp32), summed (H100 SXM peaks), a proxy for the device's work. Ratios below 1 favour ours."

@@ -11,13 +11,20 @@ object count) reads 1.
 
 Every storage a dispatched op creates is tracked until its last tensor dies. The record has the
 peak of live bytes during the forward, the bytes still live after it (the activations kept for
-backward, plus the loss), and the latter split by the top-level module that created them; and
+backward, plus the loss), and the latter split by the top-level module that created them; the
+peak during backward (kept activations, gradients and backward's transient buffers), with the
+weights' bytes, from which the step's peak follows; and
 the number of forward ops a GPU launches kernels for (not views, allocations or `prim` queries):
 a proxy for the host's share of a host-bound step. For the device's share, each such op's memory
 traffic (the elements its tensor arguments and outputs address, once each) and FLOPs (torch's
 flop counter: matmuls, convolutions, attention) are summed, by part, and turned into a roofline
 time on an H100 SXM: per op, the longer of its traffic at 3.35 TB/s and its FLOPs at 989 TFLOP/s
 (bfloat16 or float16 inputs) or 67 TFLOP/s (float32).
+
+Autograd's engine cannot run a backward on fake CUDA tensors (it needs a real CUDA context), so
+`node_by_node_backward` runs the graph from Python in the engine's order, freeing each node's
+saved tensors once it has run, as the engine does. The same function on real CPU tensors gives
+the engine's gradients (tests/test_benchmarks.py).
 
     python benchmarks/memory_probe.py --spec spec.json --out record.json
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import heapq
 import json
 import sys
 import weakref
@@ -37,9 +45,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
-
-sys.path.pop(0)  # run as a script: import the side's packages, not this folder's
-
 
 # Ops that only allocate or reinterpret (no kernel on a GPU), besides views and `prim` queries.
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "lift_fresh"}
@@ -77,27 +82,29 @@ def device_work(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any
 
 
 class LiveBytes(TorchDispatchMode):
-    """Live bytes of the storages that dispatched ops create on the fake CUDA device, by creator."""
+    """Live bytes of the storages that dispatched ops create on `device_type` (here the fake CUDA
+    device), by creator."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str = "cuda") -> None:
         super().__init__()
+        self.device_type = device_type
         self.parts: list[str] = []  # the top-level parts whose forwards are running, innermost last
         self.refs: collections.Counter = collections.Counter()
         self.size: dict[int, int] = {}
         self.creator: dict[int, str] = {}
         self.live = self.peak = self.ops = 0
-        self.device = collections.defaultdict(lambda: [0, 0, 0.0])  # part -> bytes, FLOPs, roofline s
+        self.work = collections.defaultdict(lambda: [0, 0, 0.0])  # part -> bytes, FLOPs, roofline s
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if launches_kernels(func):
             self.ops += 1
-            work = self.device[self.parts[-1] if self.parts else "(outside modules)"]
+            work = self.work[self.parts[-1] if self.parts else "(outside modules)"]
             for i, amount in enumerate(device_work(func, args, kwargs, out)):
                 work[i] += amount
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == self.device_type:
                 self._track(tensor)
         return out
 
@@ -138,6 +145,74 @@ def flash_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         if q.dtype in (torch.bfloat16, torch.float16):
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
     return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
+
+
+def node_by_node_backward(holder: list[torch.Tensor]) -> int:
+    """`loss.backward()` for the loss in `holder` (which this empties), run from Python one autograd
+    node at a time; returns the nodes run.
+
+    As the engine does: a node runs once every node that feeds it a gradient has run, the most
+    recently created first (highest sequence number; gradient accumulators at once); a gradient
+    is summed to its input's shape (an expanded input) and cast to its dtype; gradients that
+    meet at one input add up; undefined gradients reach custom autograd Functions as zeros.
+    Nodes are held only from their first incoming gradient until they run, and the caller must
+    hold no other tensor of the graph (the loss comes in a list so that no argument holds it), so
+    each node, with the tensors it saved, is freed right after it runs.
+    """
+    loss = holder.pop()
+    root = loss.grad_fn
+    if root is None:
+        raise ValueError("the loss has no autograd graph (nothing in it requires grad)")
+    pending: collections.Counter = collections.Counter()  # node key -> gradients still to come
+    root.metadata["_key"] = 0
+    stack, keys, child = [root], 1, None
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None:
+                continue
+            if "_key" not in child.metadata:
+                child.metadata["_key"] = keys
+                keys += 1
+                stack.append(child)
+            pending[child.metadata["_key"]] += 1
+    nodes, inputs = {0: root}, {0: [torch.ones_like(loss)]}
+    ready = [(-root._sequence_nr(), 0)]
+    del root, loss, stack, child
+    runs = 0
+    with torch.no_grad():
+        while ready:
+            node = nodes.pop(heapq.heappop(ready)[1])
+            grads = inputs.pop(node.metadata["_key"])
+            if isinstance(node, torch.autograd.function.BackwardCFunction):  # a custom Function's backward
+                grads = [
+                    torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device) if grad is None else grad
+                    for grad, meta in zip(grads, node._input_metadata)
+                ]
+                outputs = node.apply(*grads)
+            else:
+                outputs = node(*grads)
+            del grads
+            runs += 1
+            for (child, index), grad in zip(node.next_functions, outputs if isinstance(outputs, tuple) else (outputs,)):
+                if child is None:
+                    continue
+                key = child.metadata["_key"]
+                nodes.setdefault(key, child)
+                buffer = inputs.setdefault(key, [None] * len(child._input_metadata))
+                if grad is not None:
+                    meta = child._input_metadata[index]
+                    if tuple(grad.shape) != tuple(meta.shape):
+                        grad = grad.sum_to_size(meta.shape)
+                    if grad.dtype != meta.dtype:
+                        grad = grad.to(meta.dtype)
+                    buffer[index] = grad if buffer[index] is None else buffer[index] + grad
+                pending[key] -= 1
+                if pending[key] == 0:
+                    heapq.heappush(ready, (-child._sequence_nr(), key))
+            # Hold nothing past its run: the node (with what it saved) and the gradients go now.
+            del node, outputs
+            child = grad = buffer = None
+    return runs
 
 
 def fake_batch(frames: int, objects: int, resolution: int) -> Any:
@@ -207,12 +282,22 @@ def main() -> None:
                 "forward_ops": live.ops,
                 "forward_device_by_part": {
                     part: {"bytes": work[0], "flops": work[1], "roofline_s": work[2]}
-                    for part, work in sorted(live.device.items(), key=lambda item: -item[1][2])
+                    for part, work in sorted(live.work.items(), key=lambda item: -item[1][2])
                 },
             }
             for key, index in (("bytes", 0), ("flops", 1), ("roofline_s", 2)):
-                record[f"forward_{key}"] = sum(work[index] for work in live.device.values())
+                record[f"forward_{key}"] = sum(work[index] for work in live.work.values())
+            core = [losses.pop("core_loss")]
             del losses
+            gc.collect()
+            live.peak, live.ops = live.live, 0
+            record["backward_nodes"] = node_by_node_backward(core)
+            gc.collect()
+            record["backward_peak_bytes"] = live.peak
+            record["backward_ops"] = live.ops
+            params = list(model.parameters())
+            record["parameter_bytes"] = sum(p.numel() * p.element_size() for p in params)
+            record["trainable_bytes"] = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
         enter.remove()
         leave.remove()
     record["modules"] = {name: getattr(sys.modules.get(name), "__file__", "") for name in ("sam2", "training")}
@@ -221,4 +306,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.pop(0)  # run as a script: import the side's packages, not this folder's
     main()

@@ -116,6 +116,19 @@ def write_config(cfg: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# The prompt simulation without its draws, for runs of the model and loss that compare the two
+# sides op by op or byte by byte: every prompted frame gets clicks (no boxes, no masks, no
+# clicks sampled from the ground truth) and the prompted and corrected frames are fixed. It is
+# the MOSE config's heaviest draw: every correction round runs.
+DETERMINISTIC_PROMPTS = {
+    "prob_to_use_pt_input_for_train": 1.0,
+    "prob_to_use_box_input_for_train": 0.0,
+    "prob_to_sample_from_gt_for_train": 0.0,
+    "rand_init_cond_frames_for_train": False,
+    "rand_frames_to_correct_for_train": False,
+}
+
+
 def model_and_loss_configs(reference_root: Path, case: TrainCase, *, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The resolved `trainer.model` (as `SAM2Train`) and `trainer.loss.all` configs of `case`, for
     runs of the model and loss without the trainer and its data."""

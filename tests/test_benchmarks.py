@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -276,6 +277,8 @@ def test_memory_benchmark_measures_both_sides_on_fake_cuda(reference, tmp_path: 
     assert record["forward_flops"] == sum(work["flops"] for work in by_part.values()) > 0
     assert record["forward_bytes"] == sum(work["bytes"] for work in by_part.values()) > 0
     assert 0 < row["ours_roofline_ms"] and 0 < row["reference_roofline_ms"], row
+    assert record["backward_ops"] > record["forward_ops"] and record["parameter_bytes"] > 0
+    assert row["ours_step_peak_gib"] >= row["ours_peak_gib"] and row["reference_step_peak_gib"] >= row["reference_peak_gib"]
 
 
 @pytest.mark.slow
@@ -311,3 +314,38 @@ def test_data_benchmark_writes_its_table_and_times_an_epoch_start(reference, tmp
     subprocess.run([sys.executable, script, *small, *extra], check=True, capture_output=True, timeout=600)
     (row,) = json.loads((tmp_path / "bench_data_epoch_start.json").read_text())
     assert row["workers"] == 1 and row["fresh_s"] > 0 and row["persistent_s"] > 0, row
+
+
+def test_node_by_node_backward_gives_the_engines_gradients_and_memory() -> None:
+    """The memory probe runs backward node by node (the engine needs a real CUDA context, which
+    fake CUDA tensors lack). On real CPU tensors, with the tiny SAM2Train (custom autograd
+    Functions, lean-autograd rebuilds, broadcast inputs and all) it must give the engine's
+    gradients, free what the engine frees, and peak where the engine peaks."""
+    from benchmarks.memory_probe import LiveBytes, node_by_node_backward
+    from tests.sam2_train_setup import LOSS, batch_tensors, datapoint, loss_and_grads, visible_model
+    from training.loss_fns import CORE_LOSS_KEY, MultiStepMultiMasksAndIous
+
+    batch = datapoint(batch_tensors())
+    loss_and_grads(visible_model().train(), batch)  # per-size caches filled before either run counts
+    results = []
+    for by_node in (False, True):
+        model = visible_model().train()
+        torch.manual_seed(3)
+        live = LiveBytes(device_type="cpu")
+        with live:
+            losses = MultiStepMultiMasksAndIous(**LOSS)(model(batch), batch.masks)
+            core = [losses.pop(CORE_LOSS_KEY)]
+            del losses
+            live.peak = live.live
+            if by_node:
+                node_by_node_backward(core)
+            else:
+                core.pop().backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((live.peak, live.live, grads))
+    (engine_peak, engine_after, engine_grads), (peak, after, grads) = results
+    assert grads.keys() == engine_grads.keys() and len(grads) > 100
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, engine_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert after == engine_after  # the graph is gone: gradients and caches are left
+    assert abs(peak - engine_peak) <= 0.001 * engine_peak, (peak, engine_peak)
