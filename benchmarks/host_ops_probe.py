@@ -26,8 +26,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.pop(0)  # run as a script: import the side's packages, not this folder's
-
 # Ops that only allocate or reinterpret (no kernel on a GPU), besides views and `prim` queries.
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "lift_fresh"}
 UNTAGGED = "(untagged)"
@@ -170,4 +168,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.pop(0)  # run as a script: import the side's packages, not this folder's
     main()
