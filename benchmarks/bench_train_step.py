@@ -6,10 +6,15 @@
 
 Each run is a fresh child process executing a trainer's own `training/train.py` through
 `train_probe.py`; runs alternate reference/ours/ours/reference/... so slow drift of a shared
-machine hits both sides alike. Per side: median seconds per step over all timed steps of all its
-runs (the first `--warmup` steps of each run are not timed), samples/s, peak memory (median over
-runs: RSS on CPU, `torch.cuda.max_memory_allocated` on GPU), model FLOPs of one step and MFU
-against the GPU's bf16 peak. Results go to benchmarks/results/train_step.{md,json}.
+machine hits both sides alike. Per side: seconds per step (the first `--warmup` steps of each run
+are not timed), samples/s, peak memory (median over runs: RSS on CPU,
+`torch.cuda.max_memory_allocated` on GPU), model FLOPs of one step and MFU against the GPU's bf16
+peak. Results go to benchmarks/results/train_step.{md,json}.
+
+Seconds per step: on the CPU, the median over all timed steps of all runs. On a GPU, the probe
+waits for the device only after the last warm-up step and after the last timed step (a trainer
+that does not wait between steps keeps the device fed across them), so a run's timed window over
+its steps is its time per step; the median over runs is reported.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class SideResult:
     """Everything measured for one side of one case, pooled over its runs."""
 
     step_seconds: list[float] = field(default_factory=list)
+    window_seconds: list[float] = field(default_factory=list)  # per run: synced window / steps (GPU)
     step_cpu_seconds: list[float] = field(default_factory=list)
     peak_memory: list[int] = field(default_factory=list)
     flops_per_step: list[float] = field(default_factory=list)
@@ -121,6 +127,7 @@ def run_once(
     *,
     device: str,
     steps: int,
+    warmup: int,
     count_flops_at: int | None,
     threads: int | None,
     timeout: float,
@@ -151,7 +158,8 @@ def run_once(
     # The official train.py has no CPU switch (accelerator: cpu in the config does it, on one
     # process); ours takes --num-gpus 0 for CPU.
     num_gpus = "1" if device == "cuda" or side == "reference" else "0"
-    probe_args = [str(PROBE), "--out", str(out)]
+    timed_end = steps - 1 - (1 if count_flops_at is not None else 0)
+    probe_args = [str(PROBE), "--out", str(out), "--sync-at", f"{warmup - 1},{timed_end}"]
     if count_flops_at is not None:
         probe_args += ["--count-flops-at", str(count_flops_at)]
     if side == "reference":
@@ -172,6 +180,9 @@ def collect(record: dict[str, Any], result: SideResult, *, warmup: int, iters: i
     times = record["step_times"]
     # Step k lasts from the end of step k-1 to its own end; steps 0..warmup-1 are not timed.
     result.step_seconds += [times[k] - times[k - 1] for k in range(warmup, warmup + iters)]
+    first, last = warmup - 1, warmup + iters - 1
+    if {first, last} <= set(record.get("synced_steps", [])):  # a GPU run: the window is what counts
+        result.window_seconds.append((times[last] - times[first]) / iters)
     cpu = record.get("cpu_times") or []
     if len(cpu) >= warmup + iters:
         result.step_cpu_seconds += [cpu[k] - cpu[k - 1] for k in range(warmup, warmup + iters)]
@@ -184,7 +195,8 @@ def summarize(case: TrainCase, results: dict[str, SideResult], *, peak_flops: fl
     """One report row: per-side medians and the ours/reference ratios."""
     row: dict[str, Any] = {"case": case.name}
     for side, result in results.items():
-        s_iter = median(result.step_seconds) if result.step_seconds else None
+        timed = result.window_seconds or result.step_seconds
+        s_iter = median(timed) if timed else None
         flops = median(result.flops_per_step) if result.flops_per_step else None
         row[f"{side}_s_per_iter"] = s_iter
         row[f"{side}_cpu_s_per_iter"] = median(result.step_cpu_seconds) if result.step_cpu_seconds else None
@@ -239,6 +251,7 @@ def run_case(case: TrainCase, workdir: Path, args: argparse.Namespace, device: s
             setup,
             device=device,
             steps=steps,
+            warmup=args.warmup,
             count_flops_at=args.warmup + args.iters if args.flops else None,
             threads=args.threads,
             timeout=args.timeout,
@@ -321,8 +334,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "ours_overrides": " ".join(args.ours_overrides) or None,
     }
     notes = (
-        "s/iter: median over all timed steps (wall time between optimizer steps, data loading "
-        "included). CPU s/iter: the training process's CPU time (all threads) per step, the steadier "
+        "s/iter: wall time between optimizer steps, data loading included: on CPU the median over all timed "
+        "steps; on GPU, per run, the timed window (the device waited for only at its ends) over its steps, "
+        "median over runs. CPU s/iter: the training process's CPU time (all threads) per step, the steadier "
         "number on a shared machine; on GPU it is host overhead. Peak: CPU = peak RSS of the training "
         "process, GPU = torch.cuda.max_memory_allocated. "
         "Ratios are ours/reference: below 1 is better."

@@ -5,9 +5,12 @@
 
 Instrumentation comes from outside the trainer, identically for ours and the reference:
 - a global optimizer step post-hook (`torch.optim.optimizer.register_optimizer_step_post_hook`)
-  stamps the wall clock and the process's CPU time after each step (after a device sync on GPU) and reads peak memory
+  stamps the wall clock and the process's CPU time after each step and reads peak memory
   (`torch.cuda.max_memory_allocated`, which the official trainer resets after every step, so the
-  reading covers that step; on CPU the process's peak RSS);
+  reading covers that step; on CPU the process's peak RSS). On a GPU it first waits for the
+  device after every step, or, with `--sync-at`, only after the listed steps: a trainer that never
+  waits for the device between steps (ours) queues the next step's work while the last one runs,
+  and a wait after every step would take that from it. Time the steps between two synced ones;
 - optionally one step is run under `torch.utils.flop_counter.FlopCounterMode` (entered after step
   N-1, left after step N) to count the model FLOPs of a training step; that step's time is not used;
 - `--cpu-peak-reset-noop` replaces `torch.cuda.reset_peak_memory_stats`, the official trainer's one
@@ -41,9 +44,10 @@ def _peak_rss_bytes() -> int:
 class StepRecorder:
     """The optimizer step post-hook: one record per training step of the first optimizer seen."""
 
-    def __init__(self, out_path: str, count_flops_at: int | None) -> None:
+    def __init__(self, out_path: str, count_flops_at: int | None, sync_at: set[int] | None = None) -> None:
         self.out_path = out_path
         self.count_flops_at = count_flops_at
+        self.sync_at = sync_at  # None: after every step
         self.optimizer_id: int | None = None
         self.flop_counter: FlopCounterMode | None = None
         self.record: dict = {
@@ -52,6 +56,7 @@ class StepRecorder:
             "peak_memory": [],
             "flops_per_step": None,
             "flop_step": None,
+            "synced_steps": [],
         }
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -61,10 +66,11 @@ class StepRecorder:
         if id(optimizer) != self.optimizer_id:
             return
         on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if on_gpu:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
         step = len(self.record["step_times"])  # 0-based index of the step that just finished
+        if on_gpu and (self.sync_at is None or step in self.sync_at):
+            torch.cuda.synchronize()
+            self.record["synced_steps"].append(step)
+        now = time.perf_counter()
         if self.flop_counter is not None:
             self.flop_counter.__exit__(None, None, None)
             self.record["flops_per_step"] = self.flop_counter.get_total_flops()
@@ -101,12 +107,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cpu-peak-reset-noop", action="store_true")
     parser.add_argument("--count-flops-at", type=int, default=None, help="0-based step to count FLOPs on")
+    parser.add_argument("--sync-at", default=None, help="0-based steps (comma list) after which to wait for the GPU")
     args = parser.parse_args(argv[:split])
     script, *script_args = argv[split + 1 :]
 
     if args.cpu_peak_reset_noop and not torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
-    recorder = StepRecorder(args.out, args.count_flops_at)
+    sync_at = None if args.sync_at is None else {int(step) for step in args.sync_at.split(",")}
+    recorder = StepRecorder(args.out, args.count_flops_at, sync_at)
     register_optimizer_step_post_hook(recorder)
     recorder.record["start_time"] = time.perf_counter()
 

@@ -126,6 +126,26 @@ def test_collect_and_summarize_use_only_timed_steps() -> None:
     assert row["ours_step_seconds"] == [2.0, 3.0, 4.0] and row["reference_step_seconds"] == [6.0]
 
 
+def test_gpu_runs_are_timed_over_the_window_between_synced_steps() -> None:
+    """On a GPU the probe waits for the device only after the last warm-up step and the last timed
+    one; between them, step stamps mark when the host queued the step, so the window is timed."""
+    record = {
+        "step_times": [0.0, 1.0, 1.1, 1.2, 7.0, 100.0],
+        "cpu_times": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        "peak_memory": [1, 1, 1, 1, 1, 1],
+        "synced_steps": [1, 4],
+    }
+    result = SideResult()
+    collect(record, result, warmup=2, iters=3)
+    assert result.window_seconds == [2.0] and result.step_seconds == pytest.approx([0.1, 0.1, 5.8])
+    case = TrainCase("c", "tiny", 256, num_frames=1, max_num_objects=2)
+    row = summarize(case, {"ours": result}, peak_flops=None)
+    assert row["ours_s_per_iter"] == 2.0
+    unsynced = SideResult()
+    collect({**record, "synced_steps": [4]}, unsynced, warmup=2, iters=3)  # the window's start not synced
+    assert unsynced.window_seconds == []
+
+
 def test_mask_iou_averages_frames_and_objects(tmp_path: Path) -> None:
     from benchmarks.bench_inference import mask_iou
 
@@ -158,7 +178,8 @@ def test_train_probe_records_steps_flops_and_neutralises_peak_reset(tmp_path: Pa
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(STEPS_SCRIPT))
     out = tmp_path / "probe.json"
-    probe = [sys.executable, str(common.BENCH_DIR / "train_probe.py"), "--out", str(out), "--count-flops-at", "3"]
+    probe = [sys.executable, str(common.BENCH_DIR / "train_probe.py"), "--out", str(out), "--count-flops-at", "3",
+             "--sync-at", "0,2"]  # fmt: skip
     cmd = probe + ["--cpu-peak-reset-noop", "--", str(script), "5"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -169,6 +190,7 @@ def test_train_probe_records_steps_flops_and_neutralises_peak_reset(tmp_path: Pa
     # One addmm forward (2*8*4*2) and the weight gradient's mm (2*2*8*4); the input needs no gradient.
     assert record["flops_per_step"] == 256 and record["flop_step"] == 3
     assert "end_time" in record
+    assert record["synced_steps"] == []  # no GPU: nothing to wait for
 
 
 @pytest.mark.reference
