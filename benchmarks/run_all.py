@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("bench_data.py", "bench_data.md", ["--clips", "2", "--workers", "0", "--rounds", "1"]),
     ("bench_memory.py", "memory.md", ["--quick"]),
     ("bench_host_ops.py", "host_ops.md", ["--quick"]),
+    ("bench_ddp.py", "ddp.md", ["--quick"]),
 ]
 THREADED = {"bench_train_step.py", "bench_inference.py", "bench_components.py"}
 

@@ -114,7 +114,8 @@ def main() -> None:
     if args.cpu_peak_reset_noop and not torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
     sync_at = None if args.sync_at is None else {int(step) for step in args.sync_at.split(",")}
-    recorder = StepRecorder(args.out, args.count_flops_at, sync_at)
+    # Under torchrun every rank runs this probe: `{rank}` in --out names each rank's record.
+    recorder = StepRecorder(args.out.format(rank=os.environ.get("RANK", "0")), args.count_flops_at, sync_at)
     register_optimizer_step_post_hook(recorder)
     recorder.record["start_time"] = time.perf_counter()
 

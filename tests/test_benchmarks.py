@@ -371,3 +371,17 @@ def test_node_by_node_backward_gives_the_engines_gradients_and_memory() -> None:
         torch.testing.assert_close(grad, engine_grads[name], rtol=1e-5, atol=1e-7, msg=name)
     assert after == engine_after  # the graph is gone: gradients and caches are left
     assert abs(peak - engine_peak) <= 0.001 * engine_peak, (peak, engine_peak)
+
+
+@pytest.mark.slow
+def test_ddp_benchmark_runs_each_setting_on_two_ranks(tmp_path: Path) -> None:
+    from benchmarks.bench_ddp import main
+
+    rows = main(["--quick", "--results-dir", str(tmp_path), "--workdir", str(tmp_path / "work")])
+    assert (tmp_path / "ddp.md").is_file() and (tmp_path / "ddp.json").is_file()
+    assert [row["setting"] for row in rows] == ["default", "no bucket view"]
+    for row in rows:
+        assert row["errors"] is None, row
+        assert row["s_per_iter"] > 0 and row["peak_gib"] > 0 and row["steps_timed"] > 0, row
+    records = sorted((tmp_path / "work").glob("*/probe_*.json"))
+    assert len(records) == 4  # two ranks per run, one run per setting

@@ -57,6 +57,8 @@ class DistributedConf:
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
     comms_dtype: str | None = None
     find_unused_parameters: bool = False
+    # Gradients live in DDP's all-reduce buckets instead of beside them: one copy, not two.
+    gradient_as_bucket_view: bool = True
     timeout_mins: float = 30
 
 

@@ -150,8 +150,7 @@ class TrainerSetupMixin:
                 self.model,
                 device_ids=[self.local_rank] if self.device.type == "cuda" else None,
                 find_unused_parameters=dist_conf.find_unused_parameters,
-                # Gradients live in DDP's all-reduce buckets instead of beside them: one copy, not two.
-                gradient_as_bucket_view=True,
+                gradient_as_bucket_view=dist_conf.gradient_as_bucket_view,
             )
             if dist_conf.comms_dtype is not None:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
