@@ -273,6 +273,7 @@ def main() -> None:
                 losses = loss(outputs, batch.masks)
             finally:
                 torch.set_autocast_enabled("cuda", False)
+                torch.clear_autocast_cache()  # as leaving `torch.autocast` does: backward recasts
             del outputs
             gc.collect()
             record = {
