@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,16 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_memory import spec_for
-from benchmarks.common import (
-    BENCH_DIR,
-    REPO_ROOT,
-    RESULTS_DIR,
-    ChildFailed,
-    ratio,
-    reference_root,
-    run_probe,
-    write_report,
-)
+from benchmarks.common import BENCH_DIR, RESULTS_DIR, probe_both_sides, ratio, write_report
 from benchmarks.train_config import GPU_CASES, TrainCase
 
 PROBE = BENCH_DIR / "host_ops_probe.py"
@@ -72,24 +62,11 @@ def by_part(records: dict[str, dict[str, Any]]) -> str:
 
 
 def measure(case: TrainCase, workdir: Path, timeout: float | None) -> dict[str, Any]:
-    spec = spec_for(case)
-    spec_file = workdir / case.name / "spec.json"
-    spec_file.parent.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec))
+    records, errors = probe_both_sides(PROBE, spec_for(case), workdir / case.name, timeout=timeout)
     row: dict[str, Any] = {"case": case.name}
-    errors, records = [], {}
-    for side, root in (("reference", reference_root()), ("ours", REPO_ROOT)):
-        run_dir = workdir / case.name / side
-        run_dir.mkdir(parents=True, exist_ok=True)
-        out = run_dir / "record.json"
-        probe_args = [str(PROBE), "--spec", str(spec_file), "--out", str(out)]
-        try:
-            records[side] = run_probe(probe_args, side=side, root=root, run_dir=run_dir, out=out, threads=1, timeout=timeout)
-        except ChildFailed as failure:
-            errors.append(f"{side}: {failure}")
-            continue
+    for side, record in records.items():
         for key in ("forward_ops", "backward_ops", "python_calls"):
-            row[f"{side}_{key}"] = records[side][key]
+            row[f"{side}_{key}"] = record[key]
     if len(records) == 2:
         ours, ref = records["ours"], records["reference"]
         row["forward_ratio"] = ratio(ours["forward_ops"], ref["forward_ops"])

@@ -18,7 +18,6 @@ an H100.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,13 +28,11 @@ if __package__ in (None, ""):
 
 from benchmarks.common import (
     BENCH_DIR,
-    REPO_ROOT,
     RESULTS_DIR,
-    ChildFailed,
     gib,
+    probe_both_sides,
     ratio,
     reference_root,
-    run_probe,
     write_report,
 )
 from benchmarks.train_config import DETERMINISTIC_PROMPTS, GPU_CASES, TrainCase, model_and_loss_configs
@@ -93,29 +90,16 @@ def by_part(record: dict[str, Any]) -> str:
 
 
 def measure(case: TrainCase, workdir: Path, timeout: float | None) -> dict[str, Any]:
-    spec_file = workdir / case.name / "spec.json"
-    spec_file.parent.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec_for(case)))
+    records, errors = probe_both_sides(PROBE, spec_for(case), workdir / case.name, timeout=timeout)
     row: dict[str, Any] = {"case": case.name}
-    errors = []
-    records = {}
-    for side, root in (("reference", reference_root()), ("ours", REPO_ROOT)):
-        run_dir = workdir / case.name / side
-        run_dir.mkdir(parents=True, exist_ok=True)
-        out = run_dir / "record.json"
-        probe_args = [str(PROBE), "--spec", str(spec_file), "--out", str(out)]
-        try:
-            records[side] = run_probe(probe_args, side=side, root=root, run_dir=run_dir, out=out, threads=1, timeout=timeout)
-        except ChildFailed as failure:
-            errors.append(f"{side}: {failure}")
-            continue
-        row[f"{side}_kept_gib"] = gib(records[side]["kept_bytes"])
-        row[f"{side}_peak_gib"] = gib(records[side]["forward_peak_bytes"])
-        row[f"{side}_kept_by_part"] = by_part(records[side])
-        row[f"{side}_step_peak_gib"] = gib(step_peak_bytes(records[side]))
-        row[f"{side}_forward_ops"] = records[side]["forward_ops"]
-        row[f"{side}_traffic_gib"] = gib(records[side]["forward_bytes"])
-        row[f"{side}_roofline_ms"] = round(records[side]["forward_roofline_s"] * 1e3, 1)
+    for side, record in records.items():
+        row[f"{side}_kept_gib"] = gib(record["kept_bytes"])
+        row[f"{side}_peak_gib"] = gib(record["forward_peak_bytes"])
+        row[f"{side}_kept_by_part"] = by_part(record)
+        row[f"{side}_step_peak_gib"] = gib(step_peak_bytes(record))
+        row[f"{side}_forward_ops"] = record["forward_ops"]
+        row[f"{side}_traffic_gib"] = gib(record["forward_bytes"])
+        row[f"{side}_roofline_ms"] = round(record["forward_roofline_s"] * 1e3, 1)
     if len(records) == 2:
         row["kept_ratio"] = ratio(records["ours"]["kept_bytes"], records["reference"]["kept_bytes"])
         row["peak_ratio"] = ratio(records["ours"]["forward_peak_bytes"], records["reference"]["forward_peak_bytes"])

@@ -142,6 +142,28 @@ def run_probe(
     return record
 
 
+def probe_both_sides(
+    probe: Path, spec: dict[str, Any], case_dir: Path, *, timeout: float | None
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Runs `probe --spec <spec> --out <record>` for the reference, then for ours, in
+    `case_dir/<side>/`, on the same spec (written to `case_dir/spec.json`), one thread each.
+    Returns the records of the sides that succeeded and a message per side that failed."""
+    case_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = case_dir / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    records, errors = {}, []
+    for side, root in (("reference", reference_root()), ("ours", REPO_ROOT)):
+        run_dir = case_dir / side
+        run_dir.mkdir(parents=True, exist_ok=True)
+        out = run_dir / "record.json"
+        args = [str(probe), "--spec", str(spec_file), "--out", str(out)]
+        try:
+            records[side] = run_probe(args, side=side, root=root, run_dir=run_dir, out=out, threads=1, timeout=timeout)
+        except ChildFailed as failure:
+            errors.append(f"{side}: {failure}")
+    return records, errors
+
+
 def alternating_runs(
     label: str, sides: Sequence[str], repeats: int, run: Callable[..., dict[str, Any]]
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
