@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "the most bytes live during that forward; step peak: weights and AdamW state plus the most bytes live in "
         "forward or backward (run node by node), what torch.cuda.max_memory_allocated reads less the allocator's "
         "rounding. Deterministic prompts (every prompted frame clicked, fixed corrected frames). bf16 autocast "
-        "with CUDA's rules; attention as the flash kernel. fwd ops: dispatched forward ops that launch kernels (not views, allocations or device queries), "
-        "a proxy for the host's work in a host-bound GPU step. fwd traffic: bytes those ops read and write; fwd "
+        "with CUDA's rules; attention as the flash kernel. fwd ops: dispatched forward ops that launch kernels "
+        "(not views, allocations or device queries), a proxy for the host's work in a host-bound GPU step. "
+        "fwd traffic: bytes those ops read and write; fwd "
         "roofline: per op the longer of its traffic at 3.35 TB/s and its FLOPs at 989 TFLOP/s (bf16) or 67 "
         "(fp32), summed (H100 SXM peaks), a proxy for the device's work. Ratios below 1 favour ours."
     )
