@@ -256,7 +256,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating reference/ours runs per setting")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per process")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--epoch-start", action="store_true", help="time an epoch's first batch, workers started or kept")
+    parser.add_argument(
+        "--epoch-start", action="store_true", help="time an epoch's first batch, workers started or kept"
+    )
     parser.add_argument("--parent-gib", type=float, default=3.0, help="with --epoch-start: tensors the process holds")
     args = parser.parse_args()
     if args.worker:
