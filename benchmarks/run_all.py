@@ -1,6 +1,6 @@
 """Runs every benchmark and gathers their tables into one report, benchmarks/results/REPORT.md.
 
-    python benchmarks/run_all.py            # full runs for this machine (CPU: ~30 min on 2 cores)
+    python benchmarks/run_all.py            # full runs for this machine (CPU: ~45 min on 2 cores)
     python benchmarks/run_all.py --quick    # CI: a few steps each; numbers are not meaningful
 
 Each benchmark is its own script with its own options (see benchmarks/README.md); this only
