@@ -49,39 +49,48 @@ def mose_transforms(T, resolution: int) -> list:
     ]
 
 
-def run_worker(args: argparse.Namespace) -> dict:
-    """Time one pipeline (whichever `training` package is importable) and return its numbers."""
-    import random
+def mose_loader(args: argparse.Namespace, img_folder: str, gt_folder: str, workers: int, persistent: bool = False):
+    """A DataLoader of `args.clips` random clips through VOSDataset with the MOSE transforms, built
+    by whichever `training` package is importable."""
     from functools import partial
 
-    import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    import training
     from training.dataset import transforms as T
     from training.dataset.vos_dataset import VOSDataset
     from training.dataset.vos_raw_dataset import PNGRawDataset
     from training.dataset.vos_sampler import RandomUniformSampler
     from training.utils.data_utils import collate_fn
 
-    torch.set_num_threads(args.threads)
-    random.seed(0)
-    torch.manual_seed(0)
     dataset = VOSDataset(
         mose_transforms(T, args.resolution),
         True,
-        PNGRawDataset(args.img_folder, args.gt_folder),
+        PNGRawDataset(img_folder, gt_folder),
         RandomUniformSampler(num_frames=args.num_frames, max_num_objects=3),
         multiplier=1,
     )
-    sampler = RandomSampler(dataset, replacement=True, num_samples=args.clips)
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=1,
-        sampler=sampler,
-        num_workers=args.num_workers,
+        sampler=RandomSampler(dataset, replacement=True, num_samples=args.clips),
+        num_workers=workers,
         collate_fn=partial(collate_fn, dict_key="all"),
+        persistent_workers=persistent,
     )
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Time one pipeline (whichever `training` package is importable) and return its numbers."""
+    import random
+
+    import torch
+
+    import training
+
+    torch.set_num_threads(args.threads)
+    random.seed(0)
+    torch.manual_seed(0)
+    loader = mose_loader(args, args.img_folder, args.gt_folder, args.num_workers)
     # Everything from the first request on is timed: with workers, clips prefetched during a
     # warm-up would otherwise be counted as free.
     cpu_start, start = _cpu_seconds(), time.perf_counter()
@@ -103,30 +112,15 @@ def run_worker(args: argparse.Namespace) -> dict:
 def run_epoch_start(args: argparse.Namespace, img_folder: str, gt_folder: str) -> list[dict]:
     """Seconds from iter() to the first batch: a fresh DataLoader (workers start) against a
     persistent one iterated again (workers kept), medians of `--rounds`, per worker count."""
-    from functools import partial
-
     import torch
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import DataLoader
 
     sys.path.insert(0, str(REPO))
-    from training.dataset import transforms as T
-    from training.dataset.vos_dataset import VOSDataset
-    from training.dataset.vos_raw_dataset import PNGRawDataset
-    from training.dataset.vos_sampler import RandomUniformSampler
-    from training.utils.data_utils import collate_fn
-
     torch.set_num_threads(args.threads)
     ballast = torch.ones(int(args.parent_gib * 2**30) // 4)  # noqa: F841 - resident, like a trainer's state
-    dataset = VOSDataset(
-        mose_transforms(T, args.resolution), True, PNGRawDataset(img_folder, gt_folder),
-        RandomUniformSampler(num_frames=args.num_frames, max_num_objects=3), multiplier=1,
-    )  # fmt: skip
 
     def loader(workers: int, persistent: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=1, sampler=RandomSampler(dataset, replacement=True, num_samples=args.clips),
-            num_workers=workers, collate_fn=partial(collate_fn, dict_key="all"), persistent_workers=persistent,
-        )  # fmt: skip
+        return mose_loader(args, img_folder, gt_folder, workers, persistent)
 
     def first_batch_seconds(data: DataLoader) -> float:
         start = time.perf_counter()
