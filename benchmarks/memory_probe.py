@@ -94,15 +94,17 @@ class LiveBytes(TorchDispatchMode):
         self.creator: dict[int, str] = {}
         self.live = self.peak = self.ops = 0
         self.work = collections.defaultdict(lambda: [0, 0, 0.0])  # part -> bytes, FLOPs, roofline s
+        self.counting_work = True  # the device-work proxy covers the forward only
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if launches_kernels(func):
             self.ops += 1
-            work = self.work[self.parts[-1] if self.parts else "(outside modules)"]
-            for i, amount in enumerate(device_work(func, args, kwargs, out)):
-                work[i] += amount
+            if self.counting_work:
+                work = self.work[self.parts[-1] if self.parts else "(outside modules)"]
+                for i, amount in enumerate(device_work(func, args, kwargs, out)):
+                    work[i] += amount
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.device.type == self.device_type:
                 self._track(tensor)
@@ -291,7 +293,7 @@ def main() -> None:
             core = [losses.pop("core_loss")]
             del losses
             gc.collect()
-            live.peak, live.ops = live.live, 0
+            live.peak, live.ops, live.counting_work = live.live, 0, False
             record["backward_nodes"] = node_by_node_backward(core)
             gc.collect()
             record["backward_peak_bytes"] = live.peak
