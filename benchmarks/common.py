@@ -190,6 +190,68 @@ def check_imported_from(module_files: dict[str, str], side: str, root: Path) -> 
             raise ChildFailed(f"the {side} child imported {name} from {file}, not from {root}")
 
 
+# ----------------------------------------------------------------------------- training-step probe children
+# memory_probe.py and host_ops_probe.py load this file by path and run with one side's packages
+# first on the path: `sam2` and `training` are imported inside these functions, from that side.
+
+# Ops that only allocate or reinterpret (no kernel on a GPU), besides views and `prim` queries.
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "lift_fresh"}
+
+
+def launches_kernels(func: torch._ops.OpOverload) -> bool:
+    return not func.is_view and func.namespace != "prim" and func._opname not in NO_KERNEL
+
+
+def read_probe_spec() -> tuple[dict[str, Any], str]:
+    """`--spec spec.json --out record.json` of a probe child: (the spec, the record's path)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    with open(args.spec) as f:
+        return json.load(f), args.out
+
+
+def build_model_and_loss(spec: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The spec's training model (in train mode) and loss, built by Hydra from seed 0."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    return instantiate(spec["model"], _convert_="all").train(), instantiate(spec["loss"], _convert_="all")
+
+
+def clip_batch(frames: int, objects: int, resolution: int, device: str = "cpu") -> Any:
+    """A batch-1 clip on `device`: random image values, one rectangle per object moving a pixel
+    per frame."""
+    from training.utils.data_utils import BatchedVideoDatapoint, BatchedVideoMetaData
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(frames, objects, resolution, resolution, dtype=torch.bool)
+    for t in range(frames):
+        for obj in range(objects):
+            top, left = resolution // 16 + 5 * obj + t, resolution // 10 + 7 * obj
+            masks[t, obj, top : top + resolution // 3, left : left + resolution // 4] = True
+    return BatchedVideoDatapoint(
+        img_batch=torch.rand(frames, 1, 3, resolution, resolution, generator=gen).to(device),
+        obj_to_frame_idx=torch.tensor([[[t, 0]] * objects for t in range(frames)], dtype=torch.int).to(device),
+        masks=masks.to(device),
+        metadata=BatchedVideoMetaData(
+            unique_objects_identifier=torch.zeros(frames, objects, 3, dtype=torch.long).to(device),
+            frame_orig_size=torch.full((frames, objects, 2), resolution, dtype=torch.long).to(device),
+        ),
+        dict_key="all",
+        batch_size=[frames],
+    )
+
+
+def imported_packages() -> dict[str, str]:
+    """`sam2` and `training` as a probe child imported them (name -> `__file__`), for
+    `check_imported_from`."""
+    return {name: getattr(sys.modules.get(name), "__file__", "") for name in ("sam2", "training")}
+
+
 # ----------------------------------------------------------------------------- timing and memory
 
 

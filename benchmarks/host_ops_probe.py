@@ -13,12 +13,13 @@ step. In a host-bound GPU step, these are the host's work.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import cProfile
+import importlib.util
 import json
 import pstats
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,13 +27,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-# Ops that only allocate or reinterpret (no kernel on a GPU), besides views and `prim` queries.
-NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "lift_fresh"}
+# The side-neutral helpers of common.py, loaded by path (this runs with one side's packages first).
+_spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 UNTAGGED = "(untagged)"
-
-
-def launches_kernels(func: torch._ops.OpOverload) -> bool:
-    return not func.is_view and func.namespace != "prim" and func._opname not in NO_KERNEL
 
 
 class Parts:
@@ -84,7 +84,7 @@ class CountOps(TorchDispatchMode):
         self.backward_ops: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if launches_kernels(func):
+        if common.launches_kernels(func):
             if self.backward:
                 node = torch._C._current_autograd_node()
                 self.backward_ops[UNTAGGED if node is None else node.metadata.get("part", UNTAGGED)] += 1
@@ -93,48 +93,16 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def clip(frames: int, objects: int, resolution: int) -> Any:
-    """A batch-1 clip: random image values, one rectangle per object moving a pixel per frame."""
-    from training.utils.data_utils import BatchedVideoDatapoint, BatchedVideoMetaData
-
-    gen = torch.Generator().manual_seed(0)
-    masks = torch.zeros(frames, objects, resolution, resolution, dtype=torch.bool)
-    for t in range(frames):
-        for obj in range(objects):
-            top, left = resolution // 16 + 5 * obj + t, resolution // 10 + 7 * obj
-            masks[t, obj, top : top + resolution // 3, left : left + resolution // 4] = True
-    return BatchedVideoDatapoint(
-        img_batch=torch.rand(frames, 1, 3, resolution, resolution, generator=gen),
-        obj_to_frame_idx=torch.tensor([[[t, 0]] * objects for t in range(frames)], dtype=torch.int),
-        masks=masks,
-        metadata=BatchedVideoMetaData(
-            unique_objects_identifier=torch.zeros(frames, objects, 3, dtype=torch.long),
-            frame_orig_size=torch.full((frames, objects, 2), resolution, dtype=torch.long),
-        ),
-        dict_key="all",
-        batch_size=[frames],
-    )
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    with open(args.spec) as f:
-        spec = json.load(f)
-    from hydra.utils import instantiate
-
-    torch.manual_seed(0)
-    model = instantiate(spec["model"], _convert_="all").train()
-    loss = instantiate(spec["loss"], _convert_="all")
+    spec, out = common.read_probe_spec()
+    model, loss = common.build_model_and_loss(spec)
     for module in model.modules():
         if hasattr(module, "attend_padding"):  # ours chooses by device; a GPU attends padding
             module.attend_padding = True
     parts = Parts(model, loss)
     enter = torch.nn.modules.module.register_module_forward_pre_hook(parts.enter)
     leave = torch.nn.modules.module.register_module_forward_hook(parts.leave)
-    batch = clip(spec["frames"], spec["objects"], spec["resolution"])
+    batch = common.clip_batch(spec["frames"], spec["objects"], spec["resolution"])
     count = CountOps(parts)
 
     def step(profile: cProfile.Profile | None = None, counting: bool = False) -> None:
@@ -161,9 +129,9 @@ def main() -> None:
         "forward_ops_by_part": dict(count.forward_ops.most_common()),
         "backward_ops_by_part": dict(count.backward_ops.most_common()),
         "python_calls": pstats.Stats(profile).total_calls,
-        "modules": {name: getattr(sys.modules.get(name), "__file__", "") for name in ("sam2", "training")},
+        "modules": common.imported_packages(),
     }
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         json.dump(record, f)
 
 

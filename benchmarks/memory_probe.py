@@ -31,13 +31,14 @@ the engine's gradients (tests/test_benchmarks.py).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gc
 import heapq
+import importlib.util
 import json
 import sys
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,12 +47,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-# Ops that only allocate or reinterpret (no kernel on a GPU), besides views and `prim` queries.
-NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "lift_fresh"}
-
-
-def launches_kernels(func: torch._ops.OpOverload) -> bool:
-    return not func.is_view and func.namespace != "prim" and func._opname not in NO_KERNEL
+# The side-neutral helpers of common.py, loaded by path (this runs with one side's packages first).
+_spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).with_name("common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 
 # H100 SXM datasheet peaks: HBM3 bandwidth, dense tensor-core bfloat16/float16 and float32 (no TF32).
@@ -99,7 +98,7 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if launches_kernels(func):
+        if common.launches_kernels(func):
             self.ops += 1
             if self.counting_work:
                 work = self.work[self.parts[-1] if self.parts else "(outside modules)"]
@@ -217,36 +216,11 @@ def node_by_node_backward(holder: list[torch.Tensor]) -> int:
     return runs
 
 
-def fake_batch(frames: int, objects: int, resolution: int) -> Any:
-    from training.utils.data_utils import BatchedVideoDatapoint, BatchedVideoMetaData
-
-    device = "cuda"
-    return BatchedVideoDatapoint(
-        img_batch=torch.empty(frames, 1, 3, resolution, resolution, device=device),
-        obj_to_frame_idx=torch.tensor([[[t, 0]] * objects for t in range(frames)], dtype=torch.int).to(device),
-        masks=torch.zeros(frames, objects, resolution, resolution, dtype=torch.bool, device=device),
-        metadata=BatchedVideoMetaData(
-            unique_objects_identifier=torch.zeros(frames, objects, 3, dtype=torch.long, device=device),
-            frame_orig_size=torch.full((frames, objects, 2), resolution, dtype=torch.long, device=device),
-        ),
-        dict_key="all",
-        batch_size=[frames],
-    )
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spec", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    with open(args.spec) as f:
-        spec = json.load(f)
-    from hydra.utils import instantiate
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    torch.manual_seed(0)
-    model = instantiate(spec["model"], _convert_="all").train()
-    loss = instantiate(spec["loss"], _convert_="all")
+    spec, out = common.read_probe_spec()
+    model, loss = common.build_model_and_loss(spec)
     F.scaled_dot_product_attention = flash_attention
     real_item = torch.Tensor.item
     torch.Tensor.item = lambda t: 1 if t.device.type == "cuda" else real_item(t)
@@ -264,7 +238,7 @@ def main() -> None:
 
         enter = torch.nn.modules.module.register_module_forward_pre_hook(entering)
         leave = torch.nn.modules.module.register_module_forward_hook(leaving)
-        batch = fake_batch(spec["frames"], spec["objects"], spec["resolution"])
+        batch = common.clip_batch(spec["frames"], spec["objects"], spec["resolution"], device="cuda")
         dtype = getattr(torch, spec["amp_dtype"]) if spec["amp_dtype"] else None
         with live:
             torch.set_autocast_enabled("cuda", dtype is not None)
@@ -303,8 +277,8 @@ def main() -> None:
             record["trainable_bytes"] = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
         enter.remove()
         leave.remove()
-    record["modules"] = {name: getattr(sys.modules.get(name), "__file__", "") for name in ("sam2", "training")}
-    with open(args.out, "w") as f:
+    record["modules"] = common.imported_packages()
+    with open(out, "w") as f:
         json.dump(record, f)
 
 

@@ -24,32 +24,9 @@ from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import reference_root
+from benchmarks.common import clip_batch, reference_root
 from benchmarks.train_config import TrainCase, model_and_loss_configs
 from training.loss_fns import CORE_LOSS_KEY
-from training.utils.data_utils import BatchedVideoDatapoint, BatchedVideoMetaData
-
-
-def synthetic_batch(num_frames: int, num_objects: int, size: int) -> BatchedVideoDatapoint:
-    gen = torch.Generator().manual_seed(0)
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    masks = torch.zeros(num_frames, num_objects, size, size, dtype=torch.bool)
-    for t in range(num_frames):
-        for n in range(num_objects):
-            cy, cx = size * (0.3 + 0.4 * n) + 3 * t, size * 0.4 + 2 * t
-            masks[t, n] = ((ys - cy) ** 2 + (xs - cx) ** 2) < (size * 0.15) ** 2
-    obj_to_frame = torch.tensor([[[t, 0]] * num_objects for t in range(num_frames)], dtype=torch.int)
-    return BatchedVideoDatapoint(
-        img_batch=torch.randn(num_frames, 1, 3, size, size, generator=gen),
-        obj_to_frame_idx=obj_to_frame,
-        masks=masks,
-        metadata=BatchedVideoMetaData(
-            unique_objects_identifier=torch.zeros(num_frames, num_objects, 3, dtype=torch.long),
-            frame_orig_size=torch.full((num_frames, num_objects, 2), size, dtype=torch.long),
-        ),
-        dict_key="all",
-        batch_size=[num_frames],
-    )
 
 
 def build(args: argparse.Namespace):
@@ -101,7 +78,7 @@ def main() -> None:
     parser.add_argument("--opt", nargs="*", default=[], help="apply_training_optimizations keywords, KEY=VALUE")
     args = parser.parse_args()
     model, loss = build(args)
-    batch = synthetic_batch(args.frames, args.objects, args.resolution)
+    batch = clip_batch(args.frames, args.objects, args.resolution)
     # The trainer's choice (training.optimizer): fused AdamW wherever torch has it.
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=not args.unfused)
     step(model, loss, batch, optim)  # warm-up
